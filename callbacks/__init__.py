@@ -1,0 +1,1 @@
+"""Lightning callbacks for training diagnostics (installed as ``tre_lightning.callbacks``)."""

@@ -1,0 +1,1 @@
+"""Packaged Hydra configs (installed as ``tre_lightning.conf``); search path ``pkg://tre_lightning.conf``."""
