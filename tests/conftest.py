@@ -14,6 +14,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# Tiny models run fastest on one thread; more only adds contention on 2-core CI.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -1,0 +1,44 @@
+"""``tre-train-rm``: train the HH reward model from Hydra (``conf/train_rm.yaml``).
+
+Usage: ``tre-train-rm model_path=PATH train_path=PATH save_dir=PATH [key=value ...]``;
+``tre-train-rm --help`` explains every key. The same objects can be built by
+the Lightning CLI: ``python -m tre_lightning.reward_model fit --help``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def train(cfg: Any) -> dict[str, float]:
+    """Build module, data and trainer from a composed config, fit, return the final metrics.
+
+    ``cfg`` is the ``train_rm`` config (an OmegaConf ``DictConfig``).
+    """
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+
+    pl.seed_everything(int(cfg.seed), workers=True)
+    module = instantiate(cfg.module)
+    datamodule = instantiate(cfg.data)
+    trainer = instantiate(cfg.trainer)
+    trainer.fit(module, datamodule=datamodule)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def main() -> None:
+    """Console entry point (``tre-train-rm``)."""
+    import hydra
+    from omegaconf import DictConfig
+
+    @hydra.main(version_base="1.3", config_path="pkg://tre_lightning.conf", config_name="train_rm")
+    def _run(cfg: DictConfig) -> None:
+        metrics = train(cfg)
+        for key in sorted(metrics):
+            print(f"{key}: {metrics[key]:.4f}")
+
+    _run()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
