@@ -1,1 +1,16 @@
-"""tre_lightning.models"""
+"""Building actor, critic and reference models: sources (local folder or random
+init), the value model and the shared value head."""
+
+from tre_lightning.models.critic import ValueHead, ValueModel, position_ids_from_mask
+from tre_lightning.models.source import ModelSource, PretrainedSource, TinyRandomSource, load_tokenizer, resolve_dtype
+
+__all__ = [
+    "ModelSource",
+    "PretrainedSource",
+    "TinyRandomSource",
+    "ValueHead",
+    "ValueModel",
+    "load_tokenizer",
+    "position_ids_from_mask",
+    "resolve_dtype",
+]
