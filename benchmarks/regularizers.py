@@ -1,0 +1,458 @@
+"""Speed and memory of the regularizers against the log-softmax PPO pays anyway.
+
+    python benchmarks/regularizers.py --positions 2048 --vocab 151936 --json OUT.json
+    python benchmarks/regularizers.py --device cuda --dtype bfloat16 --json OUT.json
+
+One run, one logits tensor (positions x vocab). For each entry it measures the
+forward + backward time (best of ``--repeats`` interleaved rounds, after one
+untimed run) and the peak memory beyond the logits and their gradient, and
+writes ``time_ratio`` = time / time of the baseline. The baseline is
+``log_softmax`` forward + backward, taken through the gather of one sampled
+token per position (what the PPO surrogate needs anyway).
+
+Entries:
+
+* the seven strategy objects (``Ent``, ``TREK``, ``TREP``, ``MinEnt``,
+  ``ForkingTokens``, ``KLCov``, ``ClipCov``) with coef 1, called on a
+  PolicyContext over the logits; where the output has a loss, backward of
+  its token mean (Forking-Tokens and Clip-Cov only re-weight the surrogate
+  and have no backward of their own; KL-Cov's backward reaches the
+  log-probs only);
+* ``tre_p_cap256``: our TRE-P with ``max_region=256``;
+* ``log_probs_from_logits``: our chunked replacement for the baseline;
+* ``ref_tre_p_capped256``: TRE-P as the authors' code computed it (full
+  softmax, top-256 candidates, kept while the mass ranked above is < P,
+  re-softmax, log V / log count, autograd backward), written here from the
+  description in reference/anchor-notes.md;
+* ``ref_tre_p_full_sort``: Algorithm 1 literally (softmax, full sort,
+  cumulative sum, local softmax; autograd), in chunks of 64 rows to bound
+  its memory; timed once (``--ref-repeats``);
+* ``naive_entropy`` (only with ``--naive``): -(softmax * log_softmax).sum(-1)
+  through autograd, unchunked; it holds several (N, V) tensors at once.
+
+Memory is the peak of bytes held in tensors beyond the logits and their
+gradient (the allocator's cache and the C library's heap are not counted):
+on CUDA ``torch.cuda.max_memory_allocated``, on CPU the running total of the
+allocations the profiler records (``profile_memory=True``, in a separate
+untimed run). Forward and backward are measured separately; the backward's
+figure adds what the forward left alive (saved tensors) and subtracts the
+gradient. ``peak_extra_bytes`` is the larger of the two.
+
+The default logits (``--logits llm``) imitate an instruction-tuned LLM on a
+reasoning task: a Gaussian tail (sigma 2) over the vocabulary plus a head of
+1 + Poisson(1) tokens with Gamma(0.25) weights, the tail holding a
+log-uniform share in [1e-7, 1.5e-2] of the mass. The run prints the
+resulting P-bar-max, entropy and nucleus sizes (0.99) so that they can be
+compared with real models. ``--logits gaussian`` (N(0, 2^2) logits, nuclei
+of ~10^5 tokens) is the worst case for an exact nucleus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+from tre_lightning.regularizers import (
+    TREK,
+    TREP,
+    ClipCov,
+    Ent,
+    ForkingTokens,
+    KLCov,
+    MinEnt,
+    PolicyContext,
+)
+from tre_lightning.regularizers import functional as F
+from tre_lightning.regularizers._rows import resolve_chunk_size
+
+# --------------------------------------------------------------------------
+# logits
+# --------------------------------------------------------------------------
+
+
+def llm_like_logits(n: int, v: int, *, seed: int = 0, sigma: float = 2.0) -> torch.Tensor:
+    """(n, v) float32 logits with an LLM-like head / tail structure (see module doc)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, v, generator=g) * sigma
+    hmax = min(32, v)
+    h = (1 + torch.poisson(torch.full((n,), 1.0), generator=g)).clamp(max=hmax).long()
+    w = torch._standard_gamma(torch.full((n, hmax), 0.25), generator=g)
+    w = torch.where(torch.arange(hmax)[None] < h[:, None], w, 0.0) + 1e-30
+    w = w / w.sum(1, keepdim=True)
+    log_t = torch.empty(n).uniform_(math.log(1e-7), math.log(1.5e-2), generator=g)
+    shift = math.log(v) + sigma**2 / 2 - log_t
+    idx = torch.stack([torch.randperm(v, generator=g)[:hmax] for _ in range(n)])  # distinct head ids
+    head = torch.log(w) + shift[:, None]
+    z.scatter_(1, idx, torch.maximum(head, z.gather(1, idx)))
+    return z
+
+
+def make_logits(kind: str, n: int, v: int, seed: int) -> torch.Tensor:
+    if kind == "llm":
+        return llm_like_logits(n, v, seed=seed)
+    if kind == "gaussian":
+        return torch.randn(n, v, generator=torch.Generator().manual_seed(seed)) * 2.0
+    raise ValueError(kind)
+
+
+# --------------------------------------------------------------------------
+# references (written from the paper / the notes, autograd backward)
+# --------------------------------------------------------------------------
+
+
+def ref_tre_p_capped(z: torch.Tensor, top_p: float = 0.99, cap: int = 256) -> torch.Tensor:
+    """TRE-P as the authors' code computed it: top-`cap` candidates of the full softmax."""
+    vocab = z.shape[-1]
+    probs = torch.softmax(z.float(), dim=-1)
+    top_p_vals, idx = probs.topk(min(cap, vocab), dim=-1)
+    above = top_p_vals.cumsum(-1) - top_p_vals
+    keep = above < top_p
+    keep[..., 0] = True
+    count = keep.sum(-1)
+    logits = z.float().gather(-1, idx).masked_fill(~keep, -math.inf)
+    logq = torch.log_softmax(logits, dim=-1)
+    h = -(logq.exp() * logq.masked_fill(~keep, 0.0)).sum(-1)
+    scale = math.log(vocab) / torch.log(count.clamp(min=2).float())
+    return torch.where(count > 1, scale * h, 0.0)
+
+
+def ref_tre_p_full_sort_fwd_bwd(x: torch.Tensor, top_p: float = 0.99, rows: int = 64) -> None:
+    """Algorithm 1 with a full sort of each row; backward per chunk into x.grad."""
+    vocab = x.shape[-1]
+    n = x.shape[0]
+    for s in range(0, n, rows):
+        xc = x.detach()[s : s + rows].float().requires_grad_(True)
+        p = torch.softmax(xc, dim=-1)
+        sp, order = torch.sort(p, dim=-1, descending=True)
+        cs = sp.cumsum(-1)
+        size = (cs < top_p).sum(-1) + 1
+        keep = torch.arange(vocab)[None, :].to(size.device) < size[:, None]
+        zs = xc.gather(-1, order).masked_fill(~keep, -math.inf)
+        logq = torch.log_softmax(zs, dim=-1)
+        h = -(logq.exp() * logq.masked_fill(~keep, 0.0)).sum(-1)
+        val = torch.where(size > 1, math.log(vocab) / torch.log(size.clamp(min=2).float()) * h, 0.0)
+        val.sum().backward()
+        g = xc.grad.to(x.dtype)
+        if x.grad is None:
+            x.grad = torch.zeros_like(x)
+        x.grad[s : s + rows] += g
+
+
+# --------------------------------------------------------------------------
+# measurement
+# --------------------------------------------------------------------------
+
+def _cpu_allocated_trace(fn: Callable[[], object]) -> tuple[object, int, int]:
+    """Run fn under the profiler's memory tracking.
+
+    Returns ``(result, peak, final)``: the highest and the last number of
+    bytes allocated through torch's CPU allocator during the call, relative
+    to its start (tensors freed that were allocated before count negative).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    saved = os.dup(2)  # libkineto prints two lines per session on stderr
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                out = fn()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    mem = sorted(
+        (e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0),
+        key=lambda e: e["ts"],
+    )
+    if not mem:
+        return out, 0, 0
+    # "Total Allocated" is a running total that persists across sessions:
+    # take it relative to its value just before the first event.
+    start = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+    totals = [e["args"]["Total Allocated"] - start for e in mem]
+    return out, max(0, max(totals)), totals[-1]
+
+
+class Entry:
+    """fwd(x) -> object to backprop (or None); bwd(obj) runs the backward."""
+
+    def __init__(self, name: str, fwd: Callable, bwd: Callable | None, *, kind: str, repeats: int | None = None):
+        self.name, self.fwd, self.bwd, self.kind, self.repeats = name, fwd, bwd, kind, repeats
+
+    def run(self, x: torch.Tensor) -> None:
+        out = self.fwd(x)
+        if self.bwd is not None and out is not None:
+            self.bwd(out)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_memory(entry: Entry, x: torch.Tensor, extra_leaves: list[torch.Tensor]) -> dict[str, int]:
+    """Peak bytes beyond the logits and their gradient, forward and backward."""
+    dev = x.device
+    x.grad = None
+    for t in extra_leaves:
+        t.grad = None
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = entry.fwd(x)
+        torch.cuda.synchronize()
+        fwd_peak = torch.cuda.max_memory_allocated() - base
+        torch.cuda.reset_peak_memory_stats()
+        if entry.bwd is not None and out is not None:
+            entry.bwd(out)
+        torch.cuda.synchronize()
+        grad_bytes = 0 if x.grad is None else x.grad.numel() * x.grad.element_size()
+        bwd_peak = torch.cuda.max_memory_allocated() - base - grad_bytes
+    else:
+        out, fwd_peak, fwd_final = _cpu_allocated_trace(lambda: entry.fwd(x))
+        bwd_peak = 0
+        if entry.bwd is not None and out is not None:
+            _, peak, _ = _cpu_allocated_trace(lambda: entry.bwd(out))
+            grad_bytes = 0 if x.grad is None else x.grad.numel() * x.grad.element_size()
+            bwd_peak = fwd_final + peak - grad_bytes
+    del out
+    x.grad = None
+    return {"fwd": max(0, int(fwd_peak)), "bwd": max(0, int(bwd_peak))}
+
+
+def time_entries(entries: list[Entry], x: torch.Tensor, repeats: int, leaves: list[torch.Tensor]) -> dict[str, float]:
+    best = {e.name: math.inf for e in entries}
+    for r in range(repeats):
+        for e in entries:
+            if e.repeats is not None and r >= e.repeats:
+                continue
+            x.grad = None
+            for t in leaves:
+                t.grad = None
+            _sync(x.device)
+            t0 = time.perf_counter()
+            e.run(x)
+            _sync(x.device)
+            best[e.name] = min(best[e.name], time.perf_counter() - t0)
+    x.grad = None
+    return best
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--positions", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: automatic)")
+    ap.add_argument("--top-p", type=float, default=0.99)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--logits", default="llm", choices=["llm", "gaussian"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ref-repeats", type=int, default=1, help="timed runs of the full-sort reference")
+    ap.add_argument("--naive", action="store_true", help="also time the unchunked autograd entropy")
+    ap.add_argument("--skip", default="", help="comma-separated entry names to leave out")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="write the results to this file")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    n, v = args.positions, args.vocab
+    chunk = resolve_chunk_size(args.chunk_size, v, device)
+    skip = {s for s in args.skip.split(",") if s}
+
+    x = make_logits(args.logits, n, v, args.seed).to(device=device, dtype=dtype).requires_grad_(True)
+    with torch.no_grad():  # one sampled token per position, as in a rollout
+        tokens = torch.cat(
+            [torch.multinomial(torch.softmax(c.float(), -1), 1, generator=None).squeeze(1) for c in x.split(256)]
+        )
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    log_probs = (-torch.rand(1, n, generator=gen) * 3).to(device).requires_grad_(True)
+    old_log_probs = log_probs.detach() + 0.05 * torch.randn(1, n, generator=gen).to(device)
+    advantages = torch.randn(1, n, generator=gen).to(device)
+    mask = torch.ones(1, n, device=device)
+    leaves = [log_probs]
+
+    def ctx_of(z: torch.Tensor) -> PolicyContext:
+        return PolicyContext(
+            logits=z.view(1, n, v),
+            log_probs=log_probs,
+            old_log_probs=old_log_probs,
+            advantages=advantages,
+            mask=mask,
+        )
+
+    def strategy(reg) -> tuple[Callable, Callable]:
+        def fwd(z):
+            out = reg(ctx_of(z))
+            if out.loss is None:
+                return None
+            return (out.loss * mask).sum() / mask.sum()
+
+        return fwd, lambda loss: loss.backward()
+
+    entries: list[Entry] = []
+
+    def add(name, fwd, bwd, kind, repeats=None):
+        if name not in skip:
+            entries.append(Entry(name, fwd, bwd, kind=kind, repeats=repeats))
+
+    add(
+        "log_softmax",
+        lambda z: torch.log_softmax(z, dim=-1).gather(-1, tokens[:, None]).sum(),
+        lambda y: y.backward(),
+        "baseline",
+    )
+    cs = args.chunk_size
+    regs = {
+        "ent": Ent(coef=1.0, chunk_size=cs),
+        "tre_k": TREK(coef=1.0, top_k=args.top_k, chunk_size=cs),
+        "tre_p": TREP(coef=1.0, top_p=args.top_p, chunk_size=cs),
+        "min_ent": MinEnt(coef=1.0, chunk_size=cs),
+        "forking": ForkingTokens(coef=1.0, chunk_size=cs),
+        "kl_cov": KLCov(coef=1.0),
+        "clip_cov": ClipCov(coef=1.0, seed=0),
+        "tre_p_cap256": TREP(coef=1.0, top_p=args.top_p, max_region=256, chunk_size=cs),
+    }
+    for name, reg in regs.items():
+        add(name, *strategy(reg), "ours" if name != "tre_p_cap256" else "ours_extra")
+    add(
+        "log_probs_from_logits",
+        lambda z: F.log_probs_from_logits(z, tokens, chunk_size=cs).sum(),
+        lambda y: y.backward(),
+        "ours_extra",
+    )
+    add(
+        "ref_tre_p_capped256",
+        lambda z: ref_tre_p_capped(z, args.top_p).sum(),
+        lambda y: y.backward(),
+        "reference",
+    )
+    add(
+        "ref_tre_p_full_sort",
+        lambda z: ref_tre_p_full_sort_fwd_bwd(z, args.top_p),
+        None,
+        "reference",
+        repeats=args.ref_repeats,
+    )
+    if args.naive:
+        add(
+            "naive_entropy",
+            lambda z: -(torch.softmax(z.float(), -1) * torch.log_softmax(z.float(), -1)).sum(-1).sum(),
+            lambda y: y.backward(),
+            "reference",
+        )
+
+    # profile of the logits
+    with torch.no_grad():
+        pmax, ent = F.token_stats(x.detach(), chunk_size=cs)
+        size = F.trust_region_entropy(x.detach(), top_p=args.top_p, chunk_size=cs).region_size.float()
+    q = torch.tensor([0.5, 0.9, 0.99], device=size.device)
+    profile = {
+        "p_max_mean": float(pmax.mean()),
+        "entropy_mean": float(ent.float().mean()),
+        "entropy_q50_q80": [float(ent.float().quantile(0.5)), float(ent.float().quantile(0.8))],
+        "nucleus_q50_q90_q99_max": [*map(float, size.quantile(q)), float(size.max())],
+        "nucleus_frac_gt16": float((size > 16).float().mean()),
+        "nucleus_frac_gt256": float((size > 256).float().mean()),
+        "nucleus_frac_eq1": float((size == 1).float().mean()),
+    }
+
+    # memory: one dedicated run each (also the warm-up for the timing)
+    mem = {}
+    for e in entries:
+        mem[e.name] = measure_memory(e, x, leaves)
+    times = time_entries(entries, x, args.repeats, leaves)
+
+    base_t = times["log_softmax"] if "log_softmax" in times else float("nan")
+    bound = 4 * chunk * v * 4
+    results = {}
+    for e in entries:
+        t = times[e.name]
+        peak = max(mem[e.name].values())
+        results[e.name] = {
+            "kind": e.kind,
+            "seconds": t,
+            "time_ratio": t / base_t,
+            "peak_extra_bytes": peak,
+            "peak_extra_fwd_bytes": mem[e.name]["fwd"],
+            "peak_extra_bwd_bytes": mem[e.name]["bwd"],
+            "peak_extra_in_chunk_units": peak / (chunk * v * 4),
+        }
+
+    def ratio(a: str, b: str) -> float:
+        return results[a]["seconds"] / results[b]["seconds"] if a in results and b in results else float("nan")
+
+    ours = [k for k, r in results.items() if r["kind"] == "ours"]
+    checks = {
+        "every_regularizer_time_ratio<=2.0": all(results[k]["time_ratio"] <= 2.0 for k in ours),
+        "tre_k,tre_p,min_ent_time_ratio<=1.3": all(
+            results[k]["time_ratio"] <= 1.3 for k in ("tre_k", "tre_p", "min_ent") if k in results
+        ),
+        "tre_p/ref_tre_p_capped256<=1.1": ratio("tre_p", "ref_tre_p_capped256") <= 1.1,
+        "ref_tre_p_full_sort/tre_p>=10": ratio("ref_tre_p_full_sort", "tre_p") >= 10,
+        "peak_extra_bytes<=4*chunk*V*4": all(results[k]["peak_extra_bytes"] <= bound for k in ours),
+    }
+    report = {
+        "config": {
+            **vars(args),
+            "chunk_rows": chunk,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.processor() or platform.machine(),
+        },
+        "logits_profile": profile,
+        "baseline": "log_softmax",
+        "memory_bound_bytes": bound,
+        "results": results,
+        "speedups": {
+            "tre_p_vs_ref_capped256": ratio("tre_p", "ref_tre_p_capped256"),
+            "full_sort_over_tre_p": ratio("ref_tre_p_full_sort", "tre_p"),
+        },
+        "checks": checks,
+    }
+
+    print(
+        f"# {n} positions x {v} vocab, {args.dtype} on {device}, {torch.get_num_threads()} threads, "
+        f"chunk {chunk} rows, logits={args.logits}"
+    )
+    print(
+        f"# logits: P-bar-max {profile['p_max_mean']:.3f}, mean H {profile['entropy_mean']:.3f} nats, "
+        f"nucleus({args.top_p}) q50/q90/q99/max {profile['nucleus_q50_q90_q99_max']}, "
+        f"{100 * profile['nucleus_frac_gt256']:.1f}% > 256"
+    )
+    print(f"{'entry':24s} {'kind':10s} {'seconds':>9s} {'ratio':>7s} {'peak extra MiB':>15s} {'chunk units':>11s}")
+    for name, r in results.items():
+        print(
+            f"{name:24s} {r['kind']:10s} {r['seconds']:9.3f} {r['time_ratio']:7.2f} "
+            f"{r['peak_extra_bytes'] / 2**20:15.1f} {r['peak_extra_in_chunk_units']:11.2f}"
+        )
+    print(f"tre_p / ref_tre_p_capped256 = {report['speedups']['tre_p_vs_ref_capped256']:.2f}")
+    print(f"ref_tre_p_full_sort / tre_p = {report['speedups']['full_sort_over_tre_p']:.1f}")
+    for k, ok in checks.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {k}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()
