@@ -101,6 +101,9 @@ def test_hydra_yaml_instantiates(path: Path, tmp_path) -> None:
         if rel.parts[0] == "model" and path.stem == "embedded":
             keep = [o for o in keep if o != "~task"] + ["task=embedded"]
         cfg = _compose([*keep, override], tmp_path)
+    elif rel.parts[0] == "engine":  # not in train.yaml's defaults list (engine: null): appended, +engine=vllm
+        cfg = _compose([*NEUTRAL, f"+engine={path.stem}"], tmp_path)
+        assert cfg.engine["_target_"].startswith("tre_lightning.rollout.")
     else:
         cfg = _compose([*NEUTRAL, f"{rel.parts[0]}={path.stem}"], tmp_path)
     _instantiate_everything(cfg)

@@ -132,20 +132,20 @@ def test_save_hf_pretrained_unsharded(tmp_path) -> None:
         save_hf_pretrained(nn.Linear(2, 2), tmp_path / "x")
 
 
-def test_hydra_strategy_config_puts_every_device_on_the_data_parallel_axis() -> None:
-    from pathlib import Path
-
+def test_hydra_strategy_config_puts_every_device_on_the_data_parallel_axis(tmp_path) -> None:
+    from hydra import compose, initialize_config_module
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import ModelParallelStrategy
-    from omegaconf import OmegaConf
 
-    conf = Path(__file__).parents[1] / "conf"
-    text = (conf / "strategy" / "fsdp.yaml").read_text()
-    assert text.startswith("# @package trainer")
-    trainer = OmegaConf.create({"trainer": {"devices": 4, **OmegaConf.to_container(OmegaConf.create(text))}})
-    strategy = instantiate(trainer.trainer.strategy)
+    from tre_lightning.models.fsdp import FSDPConfig
+
+    with initialize_config_module(config_module="tre_lightning.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"output_dir={tmp_path}", "strategy=fsdp", "trainer.devices=4",
+                                          "fsdp.activation_checkpointing=true"])
+    strategy = instantiate(cfg.trainer.strategy)
     assert isinstance(strategy, ModelParallelStrategy)
     assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (4, 1)
+    assert instantiate(cfg.fsdp) == FSDPConfig(mixed_precision="bf16", activation_checkpointing=True)
 
 
 def test_lightning_cli_strategy_snippet() -> None:

@@ -141,8 +141,17 @@ def test_p_max_is_the_token_mean_of_the_peak_probability() -> None:
     assert pmax.history[0][1] == pytest.approx(expected, rel=1e-5)
 
 
-def test_nonfinite_rewards_skip_steps_then_raise() -> None:
-    module = tiny_module(CharTask(nan_reward=True), max_consecutive_nonfinite=3, batch_size=4, mini_batch_size=2)
+class _NaNLoss:
+    """A regularizer whose loss term is NaN (non-rewards: NaN rewards are scored 0 by the module's reward guard)."""
+
+    coef = 1.0
+
+    def __call__(self, ctx):
+        return R.RegularizerOutput(loss=ctx.log_probs * math.nan)
+
+
+def test_nonfinite_loss_skips_steps_then_raises() -> None:
+    module = tiny_module(CharTask(), [_NaNLoss()], max_consecutive_nonfinite=3, batch_size=4, mini_batch_size=2)
     module.configure_model()
     before = {k: v.detach().clone() for k, v in module.actor.state_dict().items()}
     with warnings.catch_warnings():

@@ -45,16 +45,77 @@ _DESCRIPTION = (
 
 
 class TRECLI(LightningCLI):
-    """LightningCLI for :class:`~tre_lightning.module.PPOModule` (module-owned dataloaders)."""
+    """LightningCLI for :class:`~tre_lightning.module.PPOModule` (module-owned dataloaders).
+
+    Reliability additions (docs/reliability.md): a parse error or an invalid
+    config raises one :class:`~tre_lightning.validation.ConfigError` naming
+    the key and the allowed values, before any class is instantiated (so
+    before any model or tokenizer is loaded); the task's data is loaded before
+    the models are built; checkpoints are written atomically
+    (:class:`~tre_lightning.checkpoint.AtomicCheckpointIO`, unless
+    ``trainer.plugins`` brings a ``CheckpointIO``).
+    """
 
     def init_parser(self, **kwargs):  # noqa: ANN003, ANN201 - LightningCLI signature
         kwargs.setdefault("description", _DESCRIPTION)
+        kwargs.setdefault("exit_on_error", False)  # parse errors become ConfigError (see parse_arguments)
         return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - LightningCLI signature
+        from argparse import ArgumentError
+
+        from tre_lightning.validation import explain_cli_error
+
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise explain_cli_error(str(err)) from None
+
+    def before_instantiate_classes(self) -> None:
+        from tre_lightning.validation import validate_cli_config
+
+        validate_cli_config(self.config[self.subcommand] if self.subcommand else self.config)
+
+    def instantiate_classes(self) -> None:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        from tre_lightning.tasks.data_io import DataError
+        from tre_lightning.validation import ConfigError, explain_instantiation_error
+
+        try:
+            super().instantiate_classes()
+        except (ConfigError, DataError):
+            raise
+        except (ValueError, MisconfigurationException) as err:  # a callback's or the trainer's argument checks
+            raise explain_instantiation_error(err) from None
+
+    def instantiate_trainer(self, **kwargs):  # noqa: ANN003, ANN201 - LightningCLI signature
+        from tre_lightning.checkpoint import with_atomic_checkpoint_io
+
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
+        kwargs["plugins"] = with_atomic_checkpoint_io(plugins)
+        return super().instantiate_trainer(**kwargs)
+
+    def _check_data(self) -> None:
+        from tre_lightning.validation import check_task_data
+
+        check_task_data(self.model.task, key="model.task", batch_size=self.model.ppo_cfg.batch_size)
+
+    def before_fit(self) -> None:
+        self._check_data()
+
+    def before_validate(self) -> None:
+        self._check_data()
 
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point ``tre-lightning``."""
-    run(args)
+    from tre_lightning.extras import exit_on_missing_extra
+    from tre_lightning.validation import exit_on_config_error
+
+    # a bad config or bad data: a one-line message, exit status 2, no traceback
+    with exit_on_config_error("tre-lightning"), exit_on_missing_extra("tre-lightning"):
+        run(args)
 
 
 def run(args: list[str] | None = None, **kwargs) -> TRECLI:  # noqa: ANN003 - forwarded to LightningCLI

@@ -15,6 +15,7 @@ brings its ``RolloutConfig.n`` responses, as in verl and the paper's Table 2);
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -53,6 +54,17 @@ def _choice(cls: str, name: str, value: object, allowed: tuple[str, ...]) -> Non
         raise _fail(cls, name, f"one of {list(allowed)}", value)
 
 
+def _bool(cls: str, name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise _fail(cls, name, "true or false", value)
+
+
+def _list(cls: str, name: str, value: object) -> list:
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise _fail(cls, name, "a list", value)
+    return list(value)
+
+
 @dataclass
 class RolloutConfig:
     """How training responses are sampled (paper: n = 8, temperature 1.0, top-p 1.0).
@@ -69,6 +81,12 @@ class RolloutConfig:
         max_prompt_length: prompts longer than this (in tokens) overflow, >= 1.
         prompt_overflow: ``truncate_left`` keeps the last ``max_prompt_length``
             tokens (counted, with a warning); ``error`` raises.
+        score_timeout: seconds one ``task.score`` call on a batch of responses
+            may take, > 0, or None (no bound). Past it every response of the
+            call scores 0 (counted as ``reward/score_timeouts``, with a warning)
+            and training goes on; the call is abandoned in its worker thread.
+            A backstop against a hung reward function: the tasks' graders
+            bound each check themselves (e.g. MATH's 5 s per check).
     """
 
     n: int = 8
@@ -78,6 +96,7 @@ class RolloutConfig:
     max_new_tokens: int = 512
     max_prompt_length: int = 1024
     prompt_overflow: PromptOverflow = "truncate_left"
+    score_timeout: float | None = 600.0
 
     def __post_init__(self) -> None:
         c = "RolloutConfig"
@@ -88,6 +107,8 @@ class RolloutConfig:
         _int_at_least(c, "max_new_tokens", self.max_new_tokens, 1)
         _int_at_least(c, "max_prompt_length", self.max_prompt_length, 1)
         _choice(c, "prompt_overflow", self.prompt_overflow, ("truncate_left", "error"))
+        if self.score_timeout is not None:
+            _number(c, "score_timeout", self.score_timeout, 0.0, math.inf, low_open=True, high_open=True)
 
     def sampling(self) -> SamplingParams:
         """The engine's sampling parameters for training rollouts."""
@@ -165,6 +186,8 @@ class PPOConfig:
                 f"PPOConfig.mini_batch_size must divide batch_size ({self.batch_size}), got {self.mini_batch_size}"
             )
         _int_at_least(c, "ppo_epochs", self.ppo_epochs, 1)
+        _bool(c, "shuffle", self.shuffle)
+        _bool(c, "whiten_advantages", self.whiten_advantages)
         _number(c, "clip_ratio_low", self.clip_ratio_low, 0.0, 1.0, high_open=True)
         _number(c, "clip_ratio_high", self.clip_ratio_high, 0.0, math.inf, high_open=True)
         if self.dual_clip is not None:
@@ -236,7 +259,7 @@ class OptimConfig:
         _number(c, "actor_lr", self.actor_lr, 0.0, math.inf, low_open=True, high_open=True)
         _number(c, "critic_lr", self.critic_lr, 0.0, math.inf, low_open=True, high_open=True)
         _number(c, "weight_decay", self.weight_decay, 0.0, math.inf, high_open=True)
-        self.betas = list(self.betas)
+        self.betas = _list(c, "betas", self.betas)
         if len(self.betas) != 2:
             raise _fail(c, "betas", "a pair [beta1, beta2]", self.betas)
         for i, b in enumerate(self.betas):
@@ -251,6 +274,7 @@ class OptimConfig:
         _number(c, "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         if self.total_steps is not None:
             _int_at_least(c, "total_steps", self.total_steps, 1)
+        _bool(c, "eight_bit", self.eight_bit)
 
     def warmup_for(self, total_steps: int, critic: bool) -> int:
         """Warm-up length in PPO iterations for the actor or the critic."""
@@ -298,7 +322,7 @@ class EvalConfig:
         _int_at_least(c, "top_k", self.top_k, 0)
         _int_at_least(c, "max_new_tokens", self.max_new_tokens, 1)
         _int_at_least(c, "batch_size", self.batch_size, 1)
-        self.pass_k = list(self.pass_k)
+        self.pass_k = _list(c, "pass_k", self.pass_k)
         if not self.pass_k:
             raise _fail(c, "pass_k", "a non-empty list of ints in [1, n]", self.pass_k)
         for k in self.pass_k:

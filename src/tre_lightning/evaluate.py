@@ -250,13 +250,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                   help="generation engine: HF generate, or vLLM (CUDA GPU and the vllm extra; needs --model)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point ``tre-eval``."""
-    run(argv)
+    from tre_lightning.extras import exit_on_missing_extra
+
+    with exit_on_missing_extra("tre-eval"):  # vLLM / bitsandbytes chosen but missing: message, no traceback
+        run(argv)
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -269,10 +274,17 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
     except ValueError as err:
         raise SystemExit(f"tre-eval: {err}") from err
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    engine = None
+    if args.engine == "vllm":  # built first: a missing vLLM / GPU stops here, before any loading
+        if args.model is None:
+            raise SystemExit("tre-eval: --engine vllm needs --model (an HF model folder, e.g. <run>/hf_model)")
+        from tre_lightning.rollout.vllm import VLLMEngine
+
+        engine = VLLMEngine(model=args.model, dtype=args.dtype, seed=args.seed)
     task = _task_from_config(args.task, args.override)
     actor, tokenizer = load_actor(args.checkpoint, args.model, dtype=args.dtype, device=device)
     start = time.perf_counter()
-    results = evaluate(actor, tokenizer, task, cfg, max_prompt_length=args.max_prompt_length)
+    results = evaluate(actor, tokenizer, task, cfg, max_prompt_length=args.max_prompt_length, engine=engine)
     header = {"tre-eval": args.checkpoint or args.model, "task": args.task, "n": cfg.n,
               "temperature": cfg.temperature, "top_p": cfg.top_p, "seconds": round(time.perf_counter() - start, 1)}
     print(format_table(results, header))

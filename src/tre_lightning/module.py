@@ -6,7 +6,8 @@ top to bottom:
 1. rollout: ``n`` responses per prompt from the engine (HF generate by default);
 2. reward: the task scores the decoded responses;
 3. old log-probs and values (and reference log-probs when a KL is configured);
-4. token rewards and GAE advantages (whitened over the batch);
+4. token rewards and GAE advantages (whitened over the global batch: all
+   data-parallel ranks);
 5. PPO epochs over shuffled mini-batches, each split into micro-batches with
    gradient accumulation, then one actor and one critic optimizer step
    (gradient clipping; a non-finite loss or gradient skips the step);
@@ -26,6 +27,7 @@ every coefficient 0 the update is vanilla PPO.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -45,18 +47,27 @@ from tre_lightning.data import DataPosition, PromptBatches, prompt_loader
 from tre_lightning.evaluate import build_eval_metrics, metric_name, score_batch, update_eval_metrics
 from tre_lightning.models.critic import ValueHead, ValueModel
 from tre_lightning.models.forward import policy_forward
+from tre_lightning.models.fsdp import (
+    FSDPConfig,
+    gathered_for_generation,
+    has_4bit_layers,
+    is_sharded,
+    save_hf_pretrained,
+)
 from tre_lightning.models.optimization import build_optimizer, build_scheduler, clip_grad_norm
 from tre_lightning.models.source import ModelSource, freeze
 from tre_lightning.ppo import (
     aggregate_loss,
     clipped_policy_loss,
     clipped_value_loss,
+    AllReduce,
     compute_gae,
+    global_loss_normalizer,
+    global_masked_whiten,
     kl_penalty,
-    loss_normalizer,
     masked_mean,
     masked_var,
-    masked_whiten,
+    process_group_all_reduce,
     token_level_rewards,
 )
 from tre_lightning.regularizers.base import PolicyContext, Regularizer, RegularizerOutput
@@ -64,6 +75,7 @@ from tre_lightning.regularizers.functional import log_probs_from_logits, token_s
 from tre_lightning.rollout.base import Rollout, RolloutEngine, SamplingParams
 from tre_lightning.rollout.experience import Experience
 from tre_lightning.rollout.hf import HFGenerateEngine
+from tre_lightning.scoring import RewardGuard, decode_responses
 from tre_lightning.tasks.base import Example, Task
 
 __all__ = ["NonFiniteError", "PPOModule"]
@@ -167,7 +179,13 @@ class PPOModule(LightningModule):
         seed: seeds the data order and each iteration's sampling (from the seed,
             the iteration and the process rank), so a resumed run repeats the
             uninterrupted one exactly.
-        gradient_checkpointing: enable HF gradient checkpointing on actor and critic.
+        gradient_checkpointing: recompute activations in backward for actor and critic
+            (HF gradient checkpointing; under FSDP2 the non-reentrant per-layer
+            activation checkpointing of ``fsdp``, whatever ``fsdp.activation_checkpointing`` says).
+        fsdp: sharding options used under Lightning's ``ModelParallelStrategy``
+            (FSDP2, data parallel): mixed precision, activation checkpointing,
+            resharding, CPU offload (:class:`~tre_lightning.models.fsdp.FSDPConfig`);
+            ignored without that strategy. None = the defaults.
     """
 
     def __init__(
@@ -185,6 +203,7 @@ class PPOModule(LightningModule):
         engine: RolloutEngine | None = None,
         seed: int = 0,
         gradient_checkpointing: bool = False,
+        fsdp: FSDPConfig | None = None,
     ) -> None:
         super().__init__()
         _require_objects(policy=policy, task=task, critic=critic, reference=reference, engine=engine,
@@ -210,6 +229,7 @@ class PPOModule(LightningModule):
         self.engine: RolloutEngine = engine if engine is not None else HFGenerateEngine()
         self.seed = seed
         self.gradient_checkpointing = gradient_checkpointing
+        self.fsdp_cfg: FSDPConfig = _as_config(fsdp, FSDPConfig, "fsdp") or FSDPConfig()
         self.tokenizer = policy.tokenizer()
         # plain values only, so that checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(
@@ -225,6 +245,7 @@ class PPOModule(LightningModule):
                 "optim": dataclasses.asdict(self.optim_cfg),
                 "evaluation": dataclasses.asdict(self.eval_cfg),
                 "seed": seed,
+                "fsdp": dataclasses.asdict(self.fsdp_cfg),
             }
         )
 
@@ -247,6 +268,12 @@ class PPOModule(LightningModule):
         """Build actor, critic (or shared head) and reference; idempotent."""
         if self.actor is not None:
             return
+        for name, src in (("policy", self.policy_source), ("critic", self.critic_source)):
+            if getattr(src, "load_in_4bit", False):
+                raise ValueError(
+                    f"the {name} source has load_in_4bit=True: 4-bit loading is for frozen models (the reference "
+                    "model); the actor and the critic are trained in full precision"
+                )
         self.actor = self.policy_source.causal_lm().train()
         source = self.critic_source if self.critic_source is not None else self.policy_source
         backbone = None if self.share_backbone else source.causal_lm()
@@ -257,10 +284,17 @@ class PPOModule(LightningModule):
             else:
                 self.critic = ValueModel.from_causal_lm(backbone).train()
         if self.ppo_cfg.kl_coef > 0:
-            self.ref = freeze(
+            ref = freeze(
                 self.reference_source.causal_lm() if self.reference_source is not None else copy.deepcopy(self.actor)
             )
-        if self.gradient_checkpointing:
+            if has_4bit_layers(ref):
+                # a 4-bit frozen model (PretrainedSource(load_in_4bit=True)) is kept outside the module tree: it is
+                # rebuilt from its source, so it is not checkpointed, not moved by Lightning (it was loaded on this
+                # process's device) and not sharded (FSDP2 cannot shard bitsandbytes' Params4bit)
+                object.__setattr__(self, "ref", ref)
+            else:
+                self.ref = ref
+        if self.gradient_checkpointing and self.device_mesh is None:  # under FSDP2: shard_models' non-reentrant AC
             self.actor.gradient_checkpointing_enable()
             if self.critic is not None:
                 self.critic.backbone.gradient_checkpointing_enable()
@@ -268,7 +302,57 @@ class PPOModule(LightningModule):
         self.engine.sync_weights(self.actor)
 
     def shard_models(self) -> None:
-        """Hook for sharding strategies (FSDP2 ``fully_shard`` per decoder layer); no-op here."""
+        """FSDP2 data-parallel sharding under Lightning's ``ModelParallelStrategy``; a no-op without it.
+
+        With the strategy's device mesh (``self.device_mesh``), actor and critic
+        get one ``fully_shard`` per decoder layer (the layer class read from the
+        HF model) and one for the root, over the ``data_parallel`` mesh
+        dimension, with the options of ``self.fsdp_cfg`` (mixed precision,
+        non-reentrant activation checkpointing when ``fsdp.activation_checkpointing``
+        or ``gradient_checkpointing`` is set, resharding, CPU offload). A shared
+        value head is sharded as one group; the reference model is sharded
+        too (without activation checkpointing) unless it is 4-bit, which FSDP2
+        cannot shard: every rank then holds the whole 4-bit copy. Tensor
+        parallelism is not supported (``tensor_parallel_size`` must be 1).
+        """
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        from tre_lightning.models.fsdp import mixed_precision_policy, shard_model
+
+        names = tuple(mesh.mesh_dim_names or ())
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "PPOModule shards data-parallel only (FSDP2); tensor parallelism is not supported: use "
+                "ModelParallelStrategy(data_parallel_size=<world size>, tensor_parallel_size=1)"
+            )
+        dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+        kwargs = self.fsdp_cfg.shard_kwargs()
+        kwargs["activation_checkpointing"] = kwargs["activation_checkpointing"] or self.gradient_checkpointing
+        assert self.actor is not None
+        shard_model(self.actor, dp_mesh, **kwargs)
+        if self.critic is not None:
+            shard_model(self.critic, dp_mesh, **kwargs)
+            # ValueModel returns a slice of the head's output; the module never modifies it in place
+            warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPValueModel\) returned a view")
+        if self.value_head is not None:  # a plain module: shard it whole so that its gradients are reduced
+            fully_shard(self.value_head, mesh=dp_mesh, mp_policy=mixed_precision_policy(kwargs["mixed_precision"]),
+                        reshard_after_forward=False)
+        if self.ref is not None and not has_4bit_layers(self.ref):
+            shard_model(self.ref, dp_mesh, **{**kwargs, "activation_checkpointing": False})
+
+    def _generation_context(self) -> Any:
+        """Around HF-engine generation with a sharded actor: keep its full weights gathered for the call."""
+        if (
+            self.actor is not None
+            and self.fsdp_cfg.gather_for_generation
+            and isinstance(self.engine, HFGenerateEngine)
+            and is_sharded(self.actor)
+        ):
+            return gathered_for_generation(self.actor)
+        return contextlib.nullcontext()
 
     def critic_parameters(self) -> list[nn.Parameter]:
         """Parameters the critic optimizer updates (the separate critic, or the shared head)."""
@@ -363,7 +447,8 @@ class PPOModule(LightningModule):
         token_rewards = token_level_rewards(scores, mask, kl=kl, kl_coef=self.ppo_cfg.kl_coef if kl is not None else 0.0)
         advantages, returns = compute_gae(token_rewards, old_values, mask, self.ppo_cfg.gamma, self.ppo_cfg.lam)
         if self.ppo_cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            # over the valid tokens of the whole global batch (all data-parallel ranks)
+            advantages = global_masked_whiten(advantages, mask, all_reduce=self._data_parallel()[0])
         experience = Experience.from_rollout(
             rollout, old_log_probs=old_log_probs, old_values=old_values, advantages=advantages, returns=returns
         )
@@ -381,6 +466,7 @@ class PPOModule(LightningModule):
         self._count_iteration()
 
         self._rollout_metrics(metrics, rollout, scores, old_values, returns, advantages, mask, kl, batch)
+        self._reward_failure_metrics(metrics)
         metrics.add("perf/rollout_tokens_per_s", float(rollout.response_lengths.sum()) / max(rollout_s, 1e-9))
         trained_tokens = float(experience.attention_mask.sum()) * self.ppo_cfg.ppo_epochs
         metrics.add("perf/train_tokens_per_s", trained_tokens / max(train_s, 1e-9))
@@ -407,20 +493,40 @@ class PPOModule(LightningModule):
 
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingParams) -> Rollout:
         """Sample responses with the engine (no gradients)."""
-        with torch.no_grad():
+        with torch.no_grad(), self._generation_context():
             return self.engine.generate(prompt_ids, prompt_mask, sampling)
 
     def decode_responses(self, rollout: Rollout) -> list[str]:
-        """Response texts (valid tokens only, special tokens dropped)."""
-        rows = [ids[: int(n)] for ids, n in zip(rollout.response_ids, rollout.response_lengths, strict=True)]
-        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        """Response texts (valid tokens only, special tokens dropped); never raises (an undecodable row is "")."""
+        texts, self._decode_failures = decode_responses(self.tokenizer, rollout.response_ids, rollout.response_lengths)
+        return texts
+
+    @property
+    def reward_guard(self) -> RewardGuard:
+        """Calls ``task.score`` isolated and bounded by ``rollout.score_timeout`` (tre_lightning.scoring)."""
+        guard = self.__dict__.get("_reward_guard")
+        if guard is None or guard.task is not self.task:
+            guard = RewardGuard(self.task, timeout=self.rollout_cfg.score_timeout)
+            self.__dict__["_reward_guard"] = guard
+        return guard
 
     def score(self, examples: Sequence[Example], responses: Sequence[str]) -> Tensor:
-        """Task rewards as an (N,) float32 tensor on the module's device."""
-        rewards = self.task.score(examples, responses)
-        if len(rewards) != len(responses):
-            raise RuntimeError(f"task.score returned {len(rewards)} rewards for {len(responses)} responses")
-        return torch.tensor([float(r) for r in rewards], dtype=torch.float32, device=self.device)
+        """Task rewards as an (N,) float32 tensor on the module's device, all finite.
+
+        A failing reward function (raises, times out, wrong length, non-finite
+        values) gives 0 to the affected responses, a warning and the
+        ``reward/failures`` … metrics of the step; training goes on.
+        """
+        report = self.reward_guard.score(examples, responses)
+        self._reward_report = report
+        return torch.tensor(report.rewards, dtype=torch.float32, device=self.device)
+
+    def _reward_failure_metrics(self, metrics: _Means) -> None:
+        report = self.__dict__.get("_reward_report")
+        if report is not None:
+            for name, value in report.metrics().items():
+                metrics.add(name, value)
+        metrics.add("reward/decode_failures", float(self.__dict__.get("_decode_failures", 0)))
 
     @torch.no_grad()
     def score_rollout(self, rollout: Rollout) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -476,7 +582,10 @@ class PPOModule(LightningModule):
         actor_opt.zero_grad(set_to_none=True)
         critic_opt.zero_grad(set_to_none=True)
         mode = self.ppo_cfg.loss_aggregation
-        normalizer = loss_normalizer(mini_batch.response_mask.float(), mode)
+        # the global mini-batch's denominator / W (W ranks average their gradients): see _data_parallel
+        all_reduce, world = self._data_parallel()
+        normalizer = global_loss_normalizer(mini_batch.response_mask.float(), mode, all_reduce=all_reduce,
+                                            world_size=world)
         policy_total = torch.zeros((), device=self.device)
         value_total = torch.zeros((), device=self.device)
         for micro in mini_batch.micro_batches(self.ppo_cfg.micro_batch_size):
@@ -648,6 +757,24 @@ class PPOModule(LightningModule):
         progress.increment_ready()
         progress.increment_completed()
 
+    def _data_parallel(self) -> tuple[AllReduce | None, int]:
+        """(sum over the data-parallel ranks, their number W); (None, 1) in one process.
+
+        Under FSDP2 (``ModelParallelStrategy``) the group of the mesh's
+        ``data_parallel`` dimension, over which FSDP averages the gradients;
+        under another multi-process strategy (DDP) the default group.
+        Advantage whitening and the loss denominators use it to be global.
+        """
+        mesh = self.device_mesh
+        if mesh is not None:
+            names = tuple(mesh.mesh_dim_names or ())
+            dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+            size = dp_mesh.size()
+            return (process_group_all_reduce(dp_mesh.get_group()), size) if size > 1 else (None, 1)
+        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            return process_group_all_reduce(), self.trainer.world_size
+        return None, 1
+
     def _all_ranks(self, flag: bool) -> bool:
         """True only if ``flag`` is True on every process (identical decisions everywhere)."""
         if self._trainer is None:
@@ -673,8 +800,9 @@ class PPOModule(LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """The evaluation protocol on one batch of test prompts (same loop as ``tre-eval``)."""
-        rewards, lengths = score_batch(self.engine, self.tokenizer, self.task, self.task.val_examples(), batch,
-                                       self.eval_cfg)
+        with self._generation_context():
+            rewards, lengths = score_batch(self.engine, self.tokenizer, self.reward_guard.as_task(),
+                                           self.task.val_examples(), batch, self.eval_cfg)
         update_eval_metrics(self.val_metrics, rewards, lengths)
         for key, metric in self.val_metrics.items():
             self.log(metric_name(key), metric, on_step=False, on_epoch=True)
@@ -709,11 +837,15 @@ class PPOModule(LightningModule):
     def export_hf(self, path: str) -> None:
         """Save the actor as an ordinary HF model folder (``save_pretrained``) with the tokenizer.
 
-        Written by the global-zero process only (the actor is replicated). A
-        sharded (FSDP2) actor must first be gathered to full tensors on every
-        process: ``tre_lightning.models.fsdp`` does that.
+        Written by the global-zero process only. A sharded (FSDP2) actor is
+        gathered to full tensors first, a collective: call this on every
+        process then (``tre-train`` does); rank 0 writes, and ``config.json``
+        names the original architecture (``Qwen2ForCausalLM``).
         """
         assert self.actor is not None, "configure_model() must run first"
+        if is_sharded(self.actor):
+            save_hf_pretrained(self.actor, path, tokenizer=self.tokenizer)
+            return
         if self._trainer is not None and not self.trainer.is_global_zero:
             return
         export_hf(self.actor, self.tokenizer, path)
@@ -733,7 +865,9 @@ def compose_policy_loss(
     surrogate's denominator is the mini-batch token count scaled by the
     fraction of this micro-batch's weight that ``pg_weight`` keeps (exact for
     one micro-batch, and for selections that keep the same fraction of every
-    micro-batch); the seq-mean modes keep the mini-batch sequence count.
+    micro-batch; data-parallel ranks act as further micro-batches, since
+    ``normalizer`` is the global denominator / W); the seq-mean modes keep
+    the mini-batch sequence count.
     Each regularizer adds ``coef × aggregate(loss, mask)``.
     """
     pg_mask = mask

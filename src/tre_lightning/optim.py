@@ -25,6 +25,7 @@ stores fp32 moments, as torch AdamW does; memory during training holds the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -152,10 +153,13 @@ def _quantize_blockwise(x: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
 
     ``x ~= code[q] * absmax[block]``. The block scale is chosen so that values
     that came from ``dequantize_blockwise`` map back to the same codes and
-    scales: the signed dynamic map's most negative code is about -0.993, not
-    -1, so a block whose largest-magnitude moment was negative is rescaled by
-    ``1 / |min code|`` (bitsandbytes' own ``quantize_blockwise`` would shrink
-    that block's scale and re-round every element in it).
+    scales, bit for bit: the signed dynamic map's most negative code is about
+    -0.993, not -1, so a block whose largest-magnitude moment was negative is
+    rescaled by ``1 / |min code|`` (bitsandbytes' own ``quantize_blockwise``
+    would shrink that block's scale and re-round every element in it); that
+    division can land one float32 step off the original scale (two scales
+    can give the same extreme), so the neighbouring float32 scales are tried
+    too and, per block, the one that reproduces every value is kept.
 
     Returns:
         ``(codes uint8 shaped like x, absmax float32 (blocks,))``.
@@ -168,15 +172,29 @@ def _quantize_blockwise(x: Tensor, code: Tensor) -> tuple[Tensor, Tensor]:
     view = padded.view(blocks, _BLOCKSIZE)
     code = code.float().to(flat.device)
     lowest = float(code.min())
-    if lowest < 0:  # signed map
-        absmax = torch.maximum(view.clamp(min=0).amax(dim=1), (-view).clamp(min=0).amax(dim=1) / -lowest)
-    else:
-        absmax = view.abs().amax(dim=1)
-    normalized = view / torch.where(absmax > 0, absmax, torch.ones_like(absmax)).unsqueeze(1)
     sorted_code, order = torch.sort(code)
     midpoints = (sorted_code[1:] + sorted_code[:-1]) / 2
-    nearest = torch.bucketize(normalized.clamp(sorted_code[0], sorted_code[-1]), midpoints)
-    q = order[nearest].to(torch.uint8).reshape(-1)[:n].reshape(x.shape)
+
+    def codes(absmax: Tensor) -> Tensor:
+        normalized = view / torch.where(absmax > 0, absmax, torch.ones_like(absmax)).unsqueeze(1)
+        return order[torch.bucketize(normalized.clamp(sorted_code[0], sorted_code[-1]), midpoints)]
+
+    if lowest < 0:  # signed map
+        absmax = torch.maximum(view.clamp(min=0).amax(dim=1), (-view).clamp(min=0).amax(dim=1) / -lowest)
+        candidates = [absmax] + [torch.nextafter(absmax, torch.full_like(absmax, d)) for d in (math.inf, -math.inf)]
+    else:
+        absmax = view.abs().amax(dim=1)
+        candidates = [absmax]
+    best_q = codes(candidates[0])
+    best_misses = (code[best_q] * candidates[0].unsqueeze(1) != view).sum(dim=1)
+    for candidate in candidates[1:]:
+        q_c = codes(candidate)
+        misses = (code[q_c] * candidate.unsqueeze(1) != view).sum(dim=1)
+        better = misses < best_misses
+        absmax = torch.where(better, candidate, absmax)
+        best_q = torch.where(better.unsqueeze(1), q_c, best_q)
+        best_misses = torch.where(better, misses, best_misses)
+    q = best_q.to(torch.uint8).reshape(-1)[:n].reshape(x.shape)
     return q, absmax
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 __all__ = ["build_module", "build_trainer", "main", "run"]
 
@@ -64,27 +64,44 @@ def build_module(cfg: DictConfig) -> Any:
         engine=_instantiate(cfg.get("engine")),
         seed=int(cfg.seed),
         gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)),
+        fsdp=_instantiate(cfg.get("fsdp")),  # set by strategy=fsdp (FSDPConfig); used under ModelParallelStrategy
     )
 
 
 def build_trainer(cfg: DictConfig) -> Any:
-    """lightning.Trainer from ``cfg.trainer`` with the callbacks and loggers by name."""
+    """lightning.Trainer from ``cfg.trainer`` with the callbacks and loggers by name.
+
+    Checkpoints are written atomically (:class:`~tre_lightning.checkpoint.AtomicCheckpointIO`)
+    unless ``trainer.plugins`` brings its own ``CheckpointIO``.
+    """
     from hydra.utils import instantiate
+
+    from tre_lightning.checkpoint import with_atomic_checkpoint_io
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers if loggers else False)
+    plugins = with_atomic_checkpoint_io(instantiate(cfg.trainer.get("plugins"), _convert_="all"))
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers if loggers else False, plugins=plugins)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Fit (optionally validate first), export the actor, return the final logged metrics."""
+    """Fit (optionally validate first), export the actor, return the final logged metrics.
+
+    The whole config is validated first (:func:`tre_lightning.validation.validate_config`:
+    a :class:`~tre_lightning.validation.ConfigError` before anything is built), and the
+    task's data is loaded before the trainer builds the models.
+    """
     import lightning as L
 
+    from tre_lightning.validation import check_task_data, guard, validate_config
+
     quiet_warnings()
+    validate_config(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     output_dir = str(cfg.output_dir)
     module = build_module(cfg)
-    trainer = build_trainer(cfg)
+    check_task_data(module.task, batch_size=module.ppo_cfg.batch_size)
+    trainer = guard("trainer", lambda: build_trainer(cfg))  # trainer, callbacks, loggers: still no model built
     if trainer.is_global_zero:
         print(f"[tre-train] run folder: {output_dir}", flush=True)
     if cfg.get("validate_first", False) and cfg.get("ckpt_path") is None:
@@ -106,8 +123,14 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path="pkg://tre_lightning.conf", config_name="train")
     def _main(cfg: DictConfig) -> None:
-        OmegaConf.resolve(cfg)
-        run(cfg)
+        from tre_lightning.extras import exit_on_missing_extra
+        from tre_lightning.validation import exit_on_config_error, resolve
+
+        # a bad config or bad data: a one-line message, exit status 2, no traceback
+        with exit_on_config_error("tre-train"):
+            resolve(cfg)
+            with exit_on_missing_extra("tre-train"):  # vLLM / bitsandbytes chosen but missing: message, no traceback
+                run(cfg)
 
     _main()
 

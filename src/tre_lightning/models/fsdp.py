@@ -24,6 +24,7 @@ public API):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -46,6 +47,57 @@ _DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
 }
+
+
+@dataclasses.dataclass
+class FSDPConfig:
+    """How ``PPOModule`` shards its models under ``ModelParallelStrategy`` (FSDP2).
+
+    Used only when the module runs under Lightning's ``ModelParallelStrategy``
+    (which gives it a device mesh); ignored otherwise. Actor, critic (or the
+    shared value head) and an unquantized reference model are sharded with
+    :func:`shard_model` over the data-parallel mesh, one ``fully_shard`` per
+    decoder layer; a 4-bit reference model stays whole on every rank.
+
+    Attributes:
+        mixed_precision: ``"bf16"``: forward/backward in bf16 on all-gathered
+            copies, fp32 sharded weights and fp32 gradient reduction (load the
+            models in float32); ``"none"``: compute in the weights' own dtype.
+        activation_checkpointing: recompute each decoder layer's activations
+            in backward (non-reentrant). ``PPOModule(gradient_checkpointing=True)``
+            turns it on as well: under FSDP2 that flag means this, not HF's
+            reentrant ``gradient_checkpointing_enable()``.
+        reshard_after_forward: free each layer's gathered weights after its
+            forward (ZeRO-3; less memory, one more all-gather in backward).
+        cpu_offload: keep sharded parameters, gradients and optimizer state in
+            CPU memory (FSDP2 ``CPUOffloadPolicy``; GPU runs only, slow).
+        gather_for_generation: keep the actor's full weights gathered during
+            each HF-engine rollout / validation generation
+            (:func:`gathered_for_generation`: one all-gather per call instead
+            of one per layer per decoded token; costs one unsharded copy).
+    """
+
+    mixed_precision: Literal["none", "bf16"] = "none"
+    activation_checkpointing: bool = False
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    gather_for_generation: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in ("none", "bf16"):
+            raise ValueError(f"FSDPConfig.mixed_precision must be 'none' or 'bf16', got {self.mixed_precision!r}")
+        for name in ("activation_checkpointing", "reshard_after_forward", "cpu_offload", "gather_for_generation"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"FSDPConfig.{name} must be a bool, got {getattr(self, name)!r}")
+
+    def shard_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`shard_model` for a trained model."""
+        return {
+            "mixed_precision": None if self.mixed_precision == "none" else self.mixed_precision,
+            "reshard_after_forward": self.reshard_after_forward,
+            "activation_checkpointing": self.activation_checkpointing,
+            "cpu_offload": self.cpu_offload,
+        }
 
 
 def parse_dtype(value: str | torch.dtype) -> torch.dtype:

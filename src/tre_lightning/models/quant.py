@@ -28,6 +28,14 @@ from tre_lightning.models.fsdp import parse_dtype
 MIN_BNB_VERSION = (0, 50)
 
 
+class BitsAndBytesUnavailableError(ImportError):
+    """A 4-bit / 8-bit feature was chosen but bitsandbytes (>= 0.50) is missing.
+
+    The message names the ``quant`` extra; entry points print it and exit
+    instead of showing a traceback.
+    """
+
+
 def require_bitsandbytes(feature: str = "4-bit / 8-bit bitsandbytes features") -> Any:
     """Import bitsandbytes or raise an ``ImportError`` saying how to install it.
 
@@ -36,17 +44,21 @@ def require_bitsandbytes(feature: str = "4-bit / 8-bit bitsandbytes features") -
 
     Returns:
         The ``bitsandbytes`` module.
+
+    Raises:
+        BitsAndBytesUnavailableError: (an ``ImportError``) bitsandbytes is
+            missing or older than 0.50.
     """
     try:
         bnb = importlib.import_module("bitsandbytes")
     except ImportError as err:
-        raise ImportError(
+        raise BitsAndBytesUnavailableError(
             f"{feature} needs bitsandbytes>=0.50, which is not installed. Install the optional extra: "
             "pip install 'tre-lightning[quant]'  (or: pip install 'bitsandbytes>=0.50')"
         ) from err
     version = tuple(int(x) for x in str(getattr(bnb, "__version__", "0.0")).split(".")[:2] if x.isdigit())
     if version and version < MIN_BNB_VERSION:
-        raise ImportError(
+        raise BitsAndBytesUnavailableError(
             f"{feature} needs bitsandbytes>=0.50 (found {bnb.__version__}, which has no CPU backend and "
             "older quant-storage handling). Upgrade: pip install -U 'tre-lightning[quant]'"
         )

@@ -100,6 +100,13 @@ class PretrainedSource:
         dtype: ``auto`` (as saved), ``float32``, ``bfloat16`` or ``float16``.
         attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``; None = default.
         trust_remote_code: allow custom modelling code shipped in the folder.
+        load_in_4bit: load a *frozen* model in 4-bit NF4 with bitsandbytes (the
+            ``quant`` extra; :func:`tre_lightning.models.quant.load_frozen_4bit`),
+            on this process's GPU (CPU without one). For the reference model
+            only (``PPOModule(reference=...)``): the actor and critic are
+            trained and refuse it. ``dtype`` is the storage/compute dtype
+            (``auto`` = bfloat16). Under FSDP2 a 4-bit model is not sharded:
+            every process holds the whole 4-bit copy.
     """
 
     def __init__(
@@ -109,6 +116,7 @@ class PretrainedSource:
         dtype: DTypeName = "auto",
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
+        load_in_4bit: bool = False,
     ) -> None:
         self.path = os.path.expanduser(path)
         self.tokenizer_path = os.path.expanduser(tokenizer_path) if tokenizer_path else self.path
@@ -116,6 +124,7 @@ class PretrainedSource:
         resolve_dtype(dtype)
         self.attn_implementation = attn_implementation
         self.trust_remote_code = trust_remote_code
+        self.load_in_4bit = bool(load_in_4bit)
 
     def _require(self, folder: str) -> None:
         if not Path(folder).is_dir():
@@ -135,10 +144,16 @@ class PretrainedSource:
                                      "dtype": resolve_dtype(self.dtype)}
         if self.attn_implementation is not None:
             kwargs["attn_implementation"] = self.attn_implementation
+        if self.load_in_4bit:
+            from tre_lightning.models.quant import load_frozen_4bit
+
+            dtype = kwargs.pop("dtype")
+            return load_frozen_4bit(self.path, dtype=torch.bfloat16 if dtype == "auto" else dtype, **kwargs)
         return AutoModelForCausalLM.from_pretrained(self.path, **kwargs)
 
     def __repr__(self) -> str:
-        return f"PretrainedSource(path={self.path!r}, dtype={self.dtype!r})"
+        extra = ", load_in_4bit=True" if self.load_in_4bit else ""
+        return f"PretrainedSource(path={self.path!r}, dtype={self.dtype!r}{extra})"
 
 
 class TinyRandomSource:

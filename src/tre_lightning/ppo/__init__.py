@@ -7,6 +7,12 @@ with 1 on valid response tokens.
 """
 
 from tre_lightning.ppo.aggregation import LOSS_AGGREGATIONS, LossAggregation, aggregate_loss, loss_normalizer
+from tre_lightning.ppo.distributed import (
+    AllReduce,
+    global_loss_normalizer,
+    global_masked_whiten,
+    process_group_all_reduce,
+)
 from tre_lightning.ppo.gae import compute_gae
 from tre_lightning.ppo.kl import KL_ESTIMATORS, KLEstimator, kl_penalty
 from tre_lightning.ppo.losses import PolicyLossOutput, ValueLossOutput, clipped_policy_loss, clipped_value_loss
@@ -14,6 +20,7 @@ from tre_lightning.ppo.masked import masked_mean, masked_sum, masked_var, masked
 from tre_lightning.ppo.rewards import last_token_index, token_level_rewards
 
 __all__ = [
+    "AllReduce",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "KLEstimator",
@@ -24,6 +31,8 @@ __all__ = [
     "clipped_policy_loss",
     "clipped_value_loss",
     "compute_gae",
+    "global_loss_normalizer",
+    "global_masked_whiten",
     "kl_penalty",
     "last_token_index",
     "loss_normalizer",
@@ -31,5 +40,6 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "process_group_all_reduce",
     "token_level_rewards",
 ]

@@ -87,7 +87,8 @@ def check_vllm_available() -> None:
             "rollout engine 'vllm' cannot be used: "
             + "; and ".join(problems)
             + ". Use the HF generate engine instead, which runs everywhere: leave the engine unset "
-            "(Hydra: engine=null, the default; Lightning CLI: no --model.engine)."
+            "(Hydra: drop +engine=vllm, engine=null is the default; Lightning CLI: no --model.engine; "
+            "tre-eval: --engine hf)."
         )
 
 
