@@ -31,6 +31,10 @@ class PMaxMonitor(Callback):
     """
 
     def __init__(self, prog_bar: bool = True, key: str = "policy/p_max") -> None:
+        if not isinstance(prog_bar, bool):
+            raise ValueError(f"prog_bar must be true or false, got {prog_bar!r}")
+        if not isinstance(key, str) or not key.strip():
+            raise ValueError(f"key must be a non-empty metric name, got {key!r}")
         self.prog_bar = prog_bar
         self.key = key
         self.history: list[tuple[int, float]] = []

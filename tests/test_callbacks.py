@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -102,3 +103,20 @@ def test_sample_logger_validates() -> None:
         SampleLogger(every_n_steps=0)
     with pytest.raises(ValueError, match="max_rows"):
         SampleLogger(max_rows=0)
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [({"prog_bar": "yes"}, "prog_bar"), ({"key": ""}, "key"),
+                                              ({"key": 3}, "key")])
+def test_pmax_monitor_arguments_are_validated(kwargs, name) -> None:
+    with pytest.raises(ValueError, match=rf"{name} must be"):
+        PMaxMonitor(**kwargs)
+
+
+def test_diagnostics_docstring_lists_the_reward_failure_metrics() -> None:
+    import tre_lightning.callbacks.diagnostics as diagnostics
+
+    doc = diagnostics.__doc__
+    reward_part = doc[doc.index("``reward/``"):doc.index("``train/``")]
+    for name in ("failures", "score_errors", "score_timeouts", "invalid", "grader_timeouts", "grader_errors",
+                 "decode_failures"):
+        assert re.search(rf"(?<![\w/]){name}\b", reward_part), name

@@ -190,3 +190,14 @@ def test_train_defaults_are_the_quickstart(tmp_path) -> None:
         cfg = compose("train", overrides=[f"output_dir={tmp_path}"], return_hydra_config=True)
     choices = cfg.hydra.runtime.choices
     assert (choices.model, choices.task, choices.regularizer) == ("embedded", "embedded", "tre_p")
+
+
+@pytest.mark.parametrize(("group", "record"), [("ppo", PPOConfig), ("optim", OptimConfig), ("eval", EvalConfig),
+                                               ("rollout", RolloutConfig)])
+def test_paper_yamls_spell_out_every_field(group: str, record: type) -> None:
+    """conf/<group>/paper.yaml lists every field of its record (the documented place to read the settings)."""
+    from dataclasses import fields
+
+    yaml = OmegaConf.load(CONF / group / "paper.yaml")
+    missing = [f.name for f in fields(record) if f.name not in yaml]
+    assert not missing, f"conf/{group}/paper.yaml lacks {missing}"

@@ -119,7 +119,7 @@ CASES = [
          "rollout.max_prompt_length", "an int >= 1"),
     Case("rollout.prompt_overflow=drop", ["rollout.prompt_overflow=drop"], ["--model.rollout.prompt_overflow=drop"],
          "rollout.prompt_overflow", "['truncate_left', 'error']"),
-    Case("rollout.score_timeout=0", ["+rollout.score_timeout=0"], ["--model.rollout.score_timeout=0"],
+    Case("rollout.score_timeout=0", ["rollout.score_timeout=0"], ["--model.rollout.score_timeout=0"],
          "rollout.score_timeout", "(0.0, inf)"),
     # PPO: batch geometry, clipping, GAE, choices, counters, types
     Case("ppo.batch_size=0", ["ppo.batch_size=0"], ["--model.ppo.batch_size=0"], "ppo.batch_size", "an int >= 1"),

@@ -406,3 +406,18 @@ def test_code_in_model_output_is_never_run(tmp_path) -> None:
         report = RewardGuard(task, timeout=30.0).score([example] * len(responses), responses)
         assert report.rewards == [0.0] * len(responses) and report.failures == 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tre_eval_scores_through_the_reward_guard() -> None:
+    """``evaluate`` (tre-eval) guards ``task.score`` as training does: a raising reward scores 0, with a warning."""
+    from tre_lightning.config import EvalConfig
+    from tre_lightning.evaluate import evaluate
+
+    source = tiny_source()
+    task = Failing("raise")
+    cfg = EvalConfig(n=2, max_new_tokens=4, batch_size=4, max_examples=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = evaluate(source.causal_lm(), source.tokenizer(), task, cfg, max_prompt_length=64)
+    assert out["val/reward"] == 0.0 and out["prompts"] == 3.0
+    assert any("scored 0 because the reward function failed" in str(w.message) for w in caught)

@@ -183,3 +183,26 @@ def test_generate_through_fsdp2_sharded_actor(tmp_path) -> None:
     proc = subprocess.run([sys.executable, str(script), tests_dir, port], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "FSDP2-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"eos_token_ids": []}, "eos_token_ids"),
+        ({"eos_token_ids": [1, -2]}, "eos_token_ids"),
+        ({"eos_token_ids": [1.5]}, "eos_token_ids"),
+        ({"eos_token_ids": [True]}, "eos_token_ids"),
+        ({"eos_token_ids": "1"}, "eos_token_ids"),
+        ({"pad_token_id": -1}, "pad_token_id"),
+        ({"pad_token_id": "0"}, "pad_token_id"),
+        ({"use_cache": "yes"}, "use_cache"),
+    ],
+)
+def test_constructor_arguments_are_validated(kwargs, name) -> None:
+    with pytest.raises(ValueError, match=rf"{name} must be .*(>= 0|true or false)"):
+        HFGenerateEngine(**kwargs)
+
+
+def test_valid_constructor_arguments_are_kept() -> None:
+    engine = HFGenerateEngine(eos_token_ids=(1, 2), pad_token_id=0, use_cache=False)
+    assert engine.eos_token_ids == [1, 2] and engine.pad_token_id == 0 and engine.use_cache is False

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from tre_lightning.rollout.base import SamplingParams
 
@@ -47,6 +47,15 @@ def _number(cls: str, name: str, value: object, low: float, high: float, *, low_
         left = "(" if low_open else "["
         right = ")" if high_open else "]"
         raise _fail(cls, name, f"a finite number in {left}{low}, {high}{right}", value)
+
+
+def _sampling(cls: str, cfg: Any) -> None:
+    """The sampling fields shared by rollout and evaluation configs."""
+    _int_at_least(cls, "n", cfg.n, 1)
+    _number(cls, "temperature", cfg.temperature, 0.0, math.inf, low_open=True, high_open=True)
+    _number(cls, "top_p", cfg.top_p, 0.0, 1.0, low_open=True)
+    _int_at_least(cls, "top_k", cfg.top_k, 0)
+    _int_at_least(cls, "max_new_tokens", cfg.max_new_tokens, 1)
 
 
 def _choice(cls: str, name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -100,11 +109,7 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         c = "RolloutConfig"
-        _int_at_least(c, "n", self.n, 1)
-        _number(c, "temperature", self.temperature, 0.0, math.inf, low_open=True, high_open=True)
-        _number(c, "top_p", self.top_p, 0.0, 1.0, low_open=True)
-        _int_at_least(c, "top_k", self.top_k, 0)
-        _int_at_least(c, "max_new_tokens", self.max_new_tokens, 1)
+        _sampling(c, self)
         _int_at_least(c, "max_prompt_length", self.max_prompt_length, 1)
         _choice(c, "prompt_overflow", self.prompt_overflow, ("truncate_left", "error"))
         if self.score_timeout is not None:
@@ -316,11 +321,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         c = "EvalConfig"
-        _int_at_least(c, "n", self.n, 1)
-        _number(c, "temperature", self.temperature, 0.0, math.inf, low_open=True, high_open=True)
-        _number(c, "top_p", self.top_p, 0.0, 1.0, low_open=True)
-        _int_at_least(c, "top_k", self.top_k, 0)
-        _int_at_least(c, "max_new_tokens", self.max_new_tokens, 1)
+        _sampling(c, self)
         _int_at_least(c, "batch_size", self.batch_size, 1)
         self.pass_k = _list(c, "pass_k", self.pass_k)
         if not self.pass_k:

@@ -106,8 +106,14 @@ def evaluate(
     *,
     max_prompt_length: int = 1024,
     engine: Any = None,
+    score_timeout: float | None = 600.0,
 ) -> dict[str, float]:
     """Run the evaluation protocol on ``task.val_examples()`` (one process).
+
+    ``task.score`` goes through the same :class:`~tre_lightning.scoring.RewardGuard`
+    as training (``score_timeout``: seconds per call, > 0, or None): a reward
+    function that raises, hangs or returns bad values scores those responses 0
+    (with a warning) instead of stopping the evaluation.
 
     Returns:
         ``val/pass@k`` (binary tasks), ``val/reward``, ``val/response_length``,
@@ -115,8 +121,10 @@ def evaluate(
     """
     from tre_lightning.data import PromptBatches
     from tre_lightning.rollout.hf import HFGenerateEngine
+    from tre_lightning.scoring import RewardGuard
 
     cfg = cfg if cfg is not None else EvalConfig()
+    scorer = RewardGuard(task, timeout=score_timeout, name="tre-eval").as_task()
     examples = task.val_examples()
     if cfg.max_examples is not None:
         examples = examples[: cfg.max_examples]
@@ -131,7 +139,7 @@ def evaluate(
         torch.manual_seed(cfg.seed)
         for batch in batches:
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            rewards, lengths = score_batch(engine, tokenizer, task, examples, batch, cfg)
+            rewards, lengths = score_batch(engine, tokenizer, scorer, examples, batch, cfg)
             update_eval_metrics(metrics, rewards, lengths)
             prompts += rewards.shape[0]
     out = {metric_name(k): float(m.compute()) for k, m in metrics.items()}

@@ -111,3 +111,14 @@ def test_4bit_reward_model_on_cpu(rm_dir: Path) -> None:
     assert all(m.weight.dtype == torch.float32 for m in layers)  # quant storage = parameter dtype
     # NF4 weights: close to, not equal to, the full-precision rewards
     assert scores == pytest.approx(_reference_scores(rm_dir), abs=0.2)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:-1", "cuda:x", "", 0, None])
+def test_device_is_validated(device) -> None:
+    with pytest.raises(ValueError, match=r"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        HHTask(device=device)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+def test_valid_devices_are_accepted(device) -> None:
+    assert HHTask(device=device).scorer.device == device

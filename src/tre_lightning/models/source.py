@@ -210,8 +210,8 @@ class TinyRandomSource:
             max_position_embeddings=max_position_embeddings,
             pad_token_id=self._tokenizer.pad_token_id,
             eos_token_id=self._tokenizer.eos_token_id,
+            initializer_range=init_std,
         )
-        self.config.initializer_range = init_std
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self._tokenizer

@@ -78,6 +78,7 @@ def tiny_qwen2_config(
     pad_token_id: int = 0,
     eos_token_id: int = 1,
     tie_word_embeddings: bool = True,
+    initializer_range: float = 0.02,
 ) -> Qwen2Config:
     """A small Qwen2 config (random weights once built); validates sizes."""
     for name, value in {
@@ -112,4 +113,5 @@ def tiny_qwen2_config(
         eos_token_id=eos_token_id,
         bos_token_id=None,
         tie_word_embeddings=tie_word_embeddings,
+        initializer_range=initializer_range,
     )

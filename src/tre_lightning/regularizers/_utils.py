@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
+
+from tre_lightning.regularizers.base import PolicyContext, RegularizerOutput
 
 
 def _cdt(x: Tensor) -> torch.dtype:
@@ -107,3 +109,39 @@ def token_covariance(advantages: Tensor, log_probs: Tensor, mask: Tensor) -> Ten
     a = torch.where(valid, advantages.detach().to(dt), 0.0)
     lp = torch.where(valid, log_probs.detach().to(dt), 0.0)
     return (a - a.sum() / n) * (lp - lp.sum() / n)
+
+
+class EntropyLikeBonus:
+    """Shared shape of a per-token bonus on an entropy-like measure h of pi(. | s_t).
+
+    The per-token loss is ``-h`` on valid tokens (the module adds
+    ``coef * aggregate(loss)``); ``coef == 0`` computes nothing. Subclasses set
+    ``name`` and ``metric`` (the key of the token mean of h) and implement
+    :meth:`measure`.
+
+    Args:
+        coef: α >= 0; 0 gives vanilla PPO.
+        chunk_size: rows per kernel chunk (None: automatic).
+    """
+
+    name: ClassVar[str]
+    metric: ClassVar[str]
+    coef: float
+
+    def __init__(self, coef: float = 0.001, chunk_size: int | None = None) -> None:
+        self.coef = check_coef(coef)
+        self.chunk_size = check_positive_int(chunk_size, name="chunk_size")
+
+    def measure(self, logits: Tensor) -> Tensor:
+        """h per position, differentiable in ``logits``."""
+        raise NotImplementedError
+
+    def __call__(self, ctx: PolicyContext) -> RegularizerOutput:
+        if self.coef == 0.0:
+            return RegularizerOutput()
+        h = self.measure(ctx.logits)
+        loss = torch.where(ctx.mask > 0, -h, 0.0)
+        return RegularizerOutput(loss=loss, metrics={self.metric: masked_mean(h, ctx.mask)})
+
+    def __repr__(self) -> str:
+        return make_repr(self, "coef", "chunk_size")

@@ -16,6 +16,8 @@ process.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig
@@ -36,6 +38,10 @@ def response_mask_from_eos(response_ids: Tensor, eos_token_ids: list[int]) -> Te
     # eos seen strictly before position t  <=>  cumsum up to t-1 > 0
     seen_before = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
     return (~seen_before).long()
+
+
+def _is_token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _distributed_world() -> int:
@@ -60,6 +66,14 @@ class HFGenerateEngine:
         pad_token_id: int | None = None,
         use_cache: bool = True,
     ) -> None:
+        if eos_token_ids is not None:
+            if isinstance(eos_token_ids, str | bytes) or not isinstance(eos_token_ids, Sequence) or not eos_token_ids \
+                    or not all(_is_token_id(t) for t in eos_token_ids):
+                raise ValueError(f"eos_token_ids must be None or a non-empty list of ints >= 0, got {eos_token_ids!r}")
+        if pad_token_id is not None and not _is_token_id(pad_token_id):
+            raise ValueError(f"pad_token_id must be None or an int >= 0, got {pad_token_id!r}")
+        if not isinstance(use_cache, bool):
+            raise ValueError(f"use_cache must be true or false, got {use_cache!r}")
         self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else None
         self.pad_token_id = pad_token_id
         self.use_cache = use_cache

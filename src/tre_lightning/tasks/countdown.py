@@ -22,6 +22,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from tre_lightning.tasks._splits import SplitSettings
 from tre_lightning.tasks.base import Example, Messages
 from tre_lightning.tasks.countdown_grader import CountdownGrader
 from tre_lightning.tasks.data_io import disjoint_split, int_list, integer, load_rows, subsample
@@ -111,12 +112,7 @@ def generate_countdown(
     return out
 
 
-def _check_size(name: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"{name} must be None (all rows) or >= 1, got {value}")
-
-
-class CountdownTask:
+class CountdownTask(SplitSettings):
     """Countdown behind the :class:`~tre_lightning.tasks.base.Task` protocol.
 
     Args:
@@ -153,8 +149,7 @@ class CountdownTask:
         max_target: int = 100,
         max_response_tokens: int = 512,
     ) -> None:
-        _check_size("train_size", train_size)
-        _check_size("val_size", val_size)
+        self._init_splits(train_path, val_path, train_size, val_size, seed)
         if not 2 <= min_numbers <= max_numbers <= 6:
             raise ValueError(
                 f"min_numbers / max_numbers must satisfy 2 <= min_numbers <= max_numbers <= 6, "
@@ -170,11 +165,6 @@ class CountdownTask:
             raise ValueError("val_path is set but train_path is not: give both, train_path only, or neither")
         if train_path is None and (train_size is None or val_size is None):
             raise ValueError("train_size and val_size must be integers when the data is generated (no train_path)")
-        self.train_path = train_path
-        self.val_path = val_path
-        self.train_size = train_size
-        self.val_size = val_size
-        self.seed = int(seed)
         self.min_numbers, self.max_numbers = int(min_numbers), int(max_numbers)
         self.max_number, self.max_target = int(max_number), int(max_target)
         self.max_response_tokens = int(max_response_tokens)

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from tre_lightning.tasks.base import Example, Messages
-from tre_lightning.tasks.data_io import load_rows, nonempty_str, subsample
+from tre_lightning.tasks._splits import PathSplits
+from tre_lightning.tasks.data_io import load_rows, nonempty_str
 from tre_lightning.tasks.timeouts import GraderStats
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,21 @@ def resolve_device(device: str) -> str:
         # the current device: under DDP/FSDP each rank's own GPU (Lightning sets it)
         return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def _check_device(device: Any) -> None:
+    """``"auto"`` or a torch device string (``cpu``, ``cuda``, ``cuda:N``, ...)."""
+    import torch
+
+    ok = device == "auto"
+    if not ok and isinstance(device, str):
+        try:
+            torch.device(device)
+            ok = True
+        except (RuntimeError, ValueError):
+            ok = False
+    if not ok:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (N >= 0), got {device!r}")
 
 
 class RewardModelScorer:
@@ -81,6 +97,7 @@ class RewardModelScorer:
             raise ValueError(f"max_length must be >= 8, got {max_length}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        _check_device(device)
         self.path = str(path)
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
@@ -186,7 +203,7 @@ class RewardModelScorer:
         return state
 
 
-class HHTask:
+class HHTask(PathSplits):
     """HH (UltraFeedback prompts + reward model) behind the Task protocol.
 
     Args:
@@ -207,6 +224,8 @@ class HHTask:
 
     name = "hh"
     binary_reward = False
+    _owner = "HHTask"
+    _path_hint = "a file or folder of prompts"
 
     def __init__(
         self,
@@ -224,19 +243,12 @@ class HHTask:
         device: str = "auto",
         max_response_tokens: int = 1024,
     ) -> None:
-        for name, value in (("train_size", train_size), ("val_size", val_size)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be None (all rows) or >= 1, got {value}")
+        self._init_splits(train_path, val_path, train_size, val_size, seed)
         if not prompt_key:
             raise ValueError("prompt_key must be a non-empty column name")
         if max_response_tokens < 1:
             raise ValueError(f"max_response_tokens must be >= 1, got {max_response_tokens}")
         self.reward_model_path = reward_model_path
-        self.train_path = train_path
-        self.val_path = val_path
-        self.train_size = train_size
-        self.val_size = val_size
-        self.seed = int(seed)
         self.prompt_key = prompt_key
         self.max_response_tokens = int(max_response_tokens)
         # Validates batch_size / max_length / dtype now, loads nothing.
@@ -245,27 +257,15 @@ class HHTask:
             load_in_4bit=load_in_4bit, dtype=dtype, device=device,
         )
         self.stats = GraderStats()
-        self._cache: dict[str, list[dict[str, Any]]] = {}
 
-    def _load(self, split: str, path: str | None, size: int | None) -> list[dict[str, Any]]:
-        if split not in self._cache:
-            if path is None:
-                raise ValueError(f"HHTask: {split}_path is not set (a file or folder of prompts)")
-            key = self.prompt_key
+    def _read_split(self, split: str, path: str) -> list[dict[str, Any]]:
+        key = self.prompt_key
 
-            def normalise(row: dict[str, Any]) -> dict[str, Any]:
-                row["prompt"] = row[key]
-                return row
+        def normalise(row: dict[str, Any]) -> dict[str, Any]:
+            row["prompt"] = row[key]
+            return row
 
-            rows = load_rows(path, columns={key: nonempty_str}, parameter=f"{split}_path", check=normalise)
-            self._cache[split] = subsample(rows, size, self.seed, f"HHTask {split}_path {path}")
-        return self._cache[split]
-
-    def train_examples(self) -> Sequence[Example]:
-        return self._load("train", self.train_path, self.train_size)
-
-    def val_examples(self) -> Sequence[Example]:
-        return self._load("val", self.val_path, self.val_size)
+        return load_rows(path, columns={key: nonempty_str}, parameter=f"{split}_path", check=normalise)
 
     def messages(self, example: Example) -> Messages:
         return [{"role": "user", "content": str(example["prompt"])}]

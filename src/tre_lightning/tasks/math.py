@@ -22,15 +22,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from tre_lightning.tasks.base import Example, Messages
-from tre_lightning.tasks.data_io import DataError, any_str, load_rows, nonempty_str, subsample
+from tre_lightning.tasks._splits import PathSplits
+from tre_lightning.tasks.data_io import DataError, any_str, load_rows, nonempty_str
 from tre_lightning.tasks.math_grader import MathGrader, last_boxed_answer
 
 PROMPT_TEMPLATE = "{problem} Let's think step by step and output the final answer within \\boxed{{}}."
-
-
-def _check_size(name: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"{name} must be None (all rows) or >= 1, got {value}")
 
 
 def _with_answer(row: dict[str, Any]) -> dict[str, Any]:
@@ -46,7 +42,7 @@ def _with_answer(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-class MathTask:
+class MathTask(PathSplits):
     """MATH behind the :class:`~tre_lightning.tasks.base.Task` protocol.
 
     Args:
@@ -71,6 +67,8 @@ class MathTask:
 
     name = "math"
     binary_reward = True
+    _owner = "MathTask"
+    _path_hint = "a MATH-layout file or folder"
 
     def __init__(
         self,
@@ -85,15 +83,9 @@ class MathTask:
         memory_limit_mb: int = 2048,
         max_response_tokens: int = 8192,
     ) -> None:
-        _check_size("train_size", train_size)
-        _check_size("val_size", val_size)
+        self._init_splits(train_path, val_path, train_size, val_size, seed)
         if max_response_tokens < 1:
             raise ValueError(f"max_response_tokens must be >= 1, got {max_response_tokens}")
-        self.train_path = train_path
-        self.val_path = val_path
-        self.train_size = train_size
-        self.val_size = val_size
-        self.seed = int(seed)
         self.max_response_tokens = int(max_response_tokens)
         self.grader = MathGrader(
             use_math_verify=use_math_verify,
@@ -101,28 +93,16 @@ class MathTask:
             num_workers=num_workers,
             memory_limit_mb=memory_limit_mb,
         )
-        self._cache: dict[str, list[dict[str, Any]]] = {}
 
     # -- data -----------------------------------------------------------------------
-    def _load(self, split: str, path: str | None, size: int | None) -> list[dict[str, Any]]:
-        if split not in self._cache:
-            if path is None:
-                raise ValueError(f"MathTask: {split}_path is not set (a MATH-layout file or folder)")
-            rows = load_rows(
-                path,
-                columns={"problem": nonempty_str},
-                optional={"solution": any_str, "answer": any_str, "level": str, "type": str},
-                parameter=f"{split}_path",
-                check=_with_answer,
-            )
-            self._cache[split] = subsample(rows, size, self.seed, f"MathTask {split}_path {path}")
-        return self._cache[split]
-
-    def train_examples(self) -> Sequence[Example]:
-        return self._load("train", self.train_path, self.train_size)
-
-    def val_examples(self) -> Sequence[Example]:
-        return self._load("val", self.val_path, self.val_size)
+    def _read_split(self, split: str, path: str) -> list[dict[str, Any]]:
+        return load_rows(
+            path,
+            columns={"problem": nonempty_str},
+            optional={"solution": any_str, "answer": any_str, "level": str, "type": str},
+            parameter=f"{split}_path",
+            check=_with_answer,
+        )
 
     # -- prompts and rewards --------------------------------------------------------------
     def messages(self, example: Example) -> Messages:
