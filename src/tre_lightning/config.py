@@ -49,6 +49,17 @@ def _number(cls: str, name: str, value: object, low: float, high: float, *, low_
         raise _fail(cls, name, f"a finite number in {left}{low}, {high}{right}", value)
 
 
+def _sampling_params(cfg: Any) -> SamplingParams:
+    """SamplingParams from a config's n / temperature / top_p / top_k / max_new_tokens."""
+    return SamplingParams(
+        n=cfg.n,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        max_new_tokens=cfg.max_new_tokens,
+    )
+
+
 def _sampling(cls: str, cfg: Any) -> None:
     """The sampling fields shared by rollout and evaluation configs."""
     _int_at_least(cls, "n", cfg.n, 1)
@@ -117,13 +128,7 @@ class RolloutConfig:
 
     def sampling(self) -> SamplingParams:
         """The engine's sampling parameters for training rollouts."""
-        return SamplingParams(
-            n=self.n,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            max_new_tokens=self.max_new_tokens,
-        )
+        return _sampling_params(self)
 
 
 @dataclass
@@ -335,10 +340,4 @@ class EvalConfig:
 
     def sampling(self) -> SamplingParams:
         """The engine's sampling parameters for evaluation."""
-        return SamplingParams(
-            n=self.n,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            max_new_tokens=self.max_new_tokens,
-        )
+        return _sampling_params(self)

@@ -179,6 +179,31 @@ def entropy(logits: Tensor, *, chunk_size: int | None = None) -> Tensor:
 # --------------------------------------------------------------------------
 
 
+def _p_minus_onehot_grad(logits: Tensor, index: Tensor, grad_out: Tensor, chunk: int, cdt: torch.dtype) -> Tensor:
+    """Chunked ``grad_out * (softmax(z) - onehot(index))``: the backward of both
+    min-entropy (index = argmax) and log-probs (index = token, negated grad).
+
+    Shapes: logits (..., V); index (N,) with N = prod(...); grad_out (...).
+    """
+    rows = Rows(logits)
+    scratch = Scratch(min(chunk, rows.n), rows.vocab, cdt, logits.device)
+    g = grad_out.reshape(-1).to(cdt)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    g2 = grad.view(-1, rows.vocab)
+    for s, zc in rows.chunks(chunk):
+        r = zc.shape[0]
+        dst = g2[s : s + r]
+        gs = g[s : s + r]
+        if not bool(gs.any()):
+            dst.zero_()
+            continue
+        p = _scaled_probs(scratch.as_compute(zc), gs, dst, scratch)
+        p[torch.arange(r, device=p.device), index[s : s + r]] -= gs
+        if p is not dst:
+            dst.copy_(p)
+    return grad
+
+
 class _MinEntropyFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, chunk_size: int | None) -> Tensor:  # type: ignore[override]
@@ -198,25 +223,8 @@ class _MinEntropyFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         logits, arg = ctx.saved_tensors
-        rows = Rows(logits)
-        cdt = ctx.cdt
-        scratch = Scratch(min(ctx.chunk, rows.n), rows.vocab, cdt, logits.device)
-        g = grad_out.reshape(-1).to(cdt)
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        g2 = grad.view(-1, rows.vocab)
-        for s, zc in rows.chunks(ctx.chunk):
-            r = zc.shape[0]
-            dst = g2[s : s + r]
-            gs = g[s : s + r]
-            if not bool(gs.any()):
-                dst.zero_()
-                continue
-            # d H_inf / dz = p - onehot(argmax)
-            p = _scaled_probs(scratch.as_compute(zc), gs, dst, scratch)
-            p[torch.arange(r, device=p.device), arg[s : s + r]] -= gs
-            if p is not dst:
-                dst.copy_(p)
-        return grad, None
+        # d H_inf / dz = p - onehot(argmax)
+        return _p_minus_onehot_grad(logits, arg, grad_out, ctx.chunk, ctx.cdt), None
 
 
 def min_entropy(logits: Tensor, *, chunk_size: int | None = None) -> Tensor:
@@ -254,25 +262,8 @@ class _LogProbsFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         logits, tok = ctx.saved_tensors
-        rows = Rows(logits)
-        cdt = ctx.cdt
-        scratch = Scratch(min(ctx.chunk, rows.n), rows.vocab, cdt, logits.device)
-        g = grad_out.reshape(-1).to(cdt)
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        g2 = grad.view(-1, rows.vocab)
-        for s, zc in rows.chunks(ctx.chunk):
-            r = zc.shape[0]
-            dst = g2[s : s + r]
-            gs = g[s : s + r]
-            if not bool(gs.any()):
-                dst.zero_()
-                continue
-            # d log p_a / dz = onehot(a) - p
-            p = _scaled_probs(scratch.as_compute(zc), -gs, dst, scratch)
-            p[torch.arange(r, device=p.device), tok[s : s + r]] += gs
-            if p is not dst:
-                dst.copy_(p)
-        return grad, None, None
+        # d log p_a / dz = onehot(a) - p = -(p - onehot(a))
+        return _p_minus_onehot_grad(logits, tok, -grad_out, ctx.chunk, ctx.cdt), None, None
 
 
 def log_probs_from_logits(logits: Tensor, tokens: Tensor, *, chunk_size: int | None = None) -> Tensor:
