@@ -75,9 +75,9 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     import lightning as L
 
     from tre_lightning import regularizers as R
-    from tre_lightning.config import EvalConfig, OptimConfig, PPOConfig, RolloutConfig
+    from tre_lightning.training.config import EvalConfig, OptimConfig, PPOConfig, RolloutConfig
     from tre_lightning.models import TinyRandomSource
-    from tre_lightning.module import PPOModule
+    from tre_lightning.training.module import PPOModule
 
     cls = REGULARIZERS[name]()
     regs = [getattr(R, cls)()] if cls else None

@@ -6,7 +6,7 @@ approx_kl and every regularizer's metrics (e.g. the TRE trust-region size);
 ``reward/`` mean, std, min, max and the step's reward failure counts:
 failures, score_errors, score_timeouts, invalid (responses scored 0 because
 ``task.score`` raised, overran ``rollout.score_timeout`` or returned bad
-values; see :mod:`tre_lightning.scoring`), grader_timeouts, grader_errors
+values; see :mod:`tre_lightning.tasks.guard`), grader_timeouts, grader_errors
 (the task's own checks cut by their time limit or raising), decode_failures
 (responses whose ids could not be decoded, scored as ""); ``train/`` policy_loss, value_loss,
 grad_norm_actor, grad_norm_critic, grad_norm_actor_max, response_length,

@@ -35,7 +35,7 @@ class RunReport(Callback):
         print_table: print the before → after table at the end of fit.
 
     Attributes:
-        history: the recorded :class:`~tre_lightning.quickstart.report.RunHistory`.
+        history: the recorded :class:`~tre_lightning.evaluation.report.RunHistory`.
         summary: the written summary (after ``fit``), including file paths.
     """
 
@@ -45,7 +45,7 @@ class RunReport(Callback):
         val_keys: tuple[str, ...] | list[str] = ("val/pass@1", "val/reward"),
         print_table: bool = True,
     ) -> None:
-        from tre_lightning.quickstart.report import RunHistory
+        from tre_lightning.evaluation.report import RunHistory
 
         if not val_keys:
             raise ValueError("RunReport.val_keys must name at least one validation metric")
@@ -93,7 +93,7 @@ class RunReport(Callback):
                 return
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from tre_lightning.quickstart.report import REPORT_DIR, write_run_report
+        from tre_lightning.evaluation.report import REPORT_DIR, write_run_report
 
         if not trainer.is_global_zero:
             return

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tre_lightning.module import PPOModule
+from tre_lightning.training.module import PPOModule
 from tre_lightning.rollout.base import Rollout, SamplingParams
 from tre_lightning.rollout.hf import HFGenerateEngine
 
@@ -192,7 +192,7 @@ def build_module(cfg: dict[str, Any], world: int = 1, engine: Any = None, cls: t
     """The module of the run; ``world`` = 1 gives the single-process module for the same global batch."""
     from test_module_support import LengthTask, tiny_source
 
-    from tre_lightning.config import EvalConfig, OptimConfig, PPOConfig, RolloutConfig
+    from tre_lightning.training.config import EvalConfig, OptimConfig, PPOConfig, RolloutConfig
     from tre_lightning.models.fsdp import FSDPConfig
     from tre_lightning.models.source import PretrainedSource
     from tre_lightning.regularizers import Ent
@@ -273,7 +273,7 @@ def main() -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from tre_lightning.models.fsdp import has_4bit_layers
-    from tre_lightning.train import quiet_warnings
+    from tre_lightning.cli.train import quiet_warnings
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import tre_lightning.conf
-from tre_lightning.config import EvalConfig, OptimConfig, PPOConfig, RolloutConfig
+from tre_lightning.training.config import EvalConfig, OptimConfig, PPOConfig, RolloutConfig
 
 CONF = Path(tre_lightning.conf.__file__).parent
 HYDRA_FILES = sorted(p for p in CONF.rglob("*.yaml") if p.parent.name != "lightning")
@@ -111,8 +111,8 @@ def test_hydra_yaml_instantiates(path: Path, tmp_path) -> None:
 
 @pytest.mark.parametrize("path", LIGHTNING_FILES, ids=lambda p: p.name)
 def test_lightning_yaml_instantiates(path: Path, tmp_path) -> None:
-    from tre_lightning.cli import EXAMPLE_CONFIG, TRECLI
-    from tre_lightning.module import PPOModule
+    from tre_lightning.cli.lightning import EXAMPLE_CONFIG, TRECLI
+    from tre_lightning.training.module import PPOModule
 
     args = ["--config", str(EXAMPLE_CONFIG)]
     if path != EXAMPLE_CONFIG:
@@ -129,7 +129,7 @@ def test_lightning_yaml_instantiates(path: Path, tmp_path) -> None:
 
 
 def test_example_is_packaged_next_to_the_cli() -> None:
-    from tre_lightning.cli import EXAMPLE_CONFIG
+    from tre_lightning.cli.lightning import EXAMPLE_CONFIG
 
     assert EXAMPLE_CONFIG.is_file()
 

@@ -48,8 +48,8 @@ def _script(name: str) -> str:
 
 
 def test_tre_train_run_and_tre_eval(tmp_path) -> None:
-    from tre_lightning.evaluate import run as tre_eval
-    from tre_lightning.train import run
+    from tre_lightning.evaluation.protocol import run as tre_eval
+    from tre_lightning.cli.train import run
 
     with initialize_config_module(config_module="tre_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"output_dir={tmp_path}", "regularizer=tre_k", *TINY])
@@ -119,7 +119,7 @@ LIGHTNING_TINY = [
 
 
 def test_lightning_cli_fit_with_example_config(tmp_path, monkeypatch) -> None:
-    from tre_lightning.cli import EXAMPLE_CONFIG, run
+    from tre_lightning.cli.lightning import EXAMPLE_CONFIG, run
 
     monkeypatch.chdir(tmp_path)  # the example writes under runs/example
     cli = run(["fit", "--config", str(EXAMPLE_CONFIG), *LIGHTNING_TINY])
@@ -132,7 +132,7 @@ def test_lightning_cli_fit_with_example_config(tmp_path, monkeypatch) -> None:
 
 
 def test_lightning_cli_help_lists_regularizers(capsys) -> None:
-    from tre_lightning.cli import run
+    from tre_lightning.cli.lightning import run
 
     with pytest.raises(SystemExit) as exit_info:
         run(["fit", "--help"])
@@ -143,7 +143,7 @@ def test_lightning_cli_help_lists_regularizers(capsys) -> None:
 
 
 def test_tre_eval_help(capsys) -> None:
-    from tre_lightning.evaluate import run
+    from tre_lightning.evaluation.protocol import run
 
     with pytest.raises(SystemExit):
         run(["--help"])

@@ -13,7 +13,7 @@ from test_module_support import CharTask, IndexTask, LengthTask, fixed_engine_fo
 
 from tre_lightning import regularizers as R
 from tre_lightning.callbacks import PMaxMonitor, SampleLogger, TrainingDiagnostics
-from tre_lightning.module import NonFiniteError
+from tre_lightning.training.module import NonFiniteError
 
 REGULARIZERS = {
     "none": lambda: None,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_module_support import LengthTask, tiny_module, trainer
 
-from tre_lightning.models.optimization import clip_grad_norm, lr_factor
+from tre_lightning.training.optim import clip_grad_norm, lr_factor
 
 
 def test_lr_factor() -> None:

@@ -78,7 +78,7 @@ def test_checkpoint_holds_rng_and_data_position(tmp_path) -> None:
 def test_load_from_checkpoint_with_objects(tmp_path) -> None:
     from test_module_support import tiny_source
 
-    from tre_lightning.module import PPOModule
+    from tre_lightning.training.module import PPOModule
 
     module = _module()
     _fit(tmp_path, module, 1, Record())

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tre_lightning.config import EvalConfig, OptimConfig, PPOConfig, RolloutConfig
+from tre_lightning.training.config import EvalConfig, OptimConfig, PPOConfig, RolloutConfig
 from tre_lightning.models import TinyRandomSource
 from tre_lightning.rollout.base import Rollout, SamplingParams
 
@@ -143,7 +143,7 @@ def tiny_module(
     source: Any = None,
     **kwargs: Any,
 ):
-    from tre_lightning.module import PPOModule
+    from tre_lightning.training.module import PPOModule
 
     ppo_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in PPOConfig.__dataclass_fields__}
     optim_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in OptimConfig.__dataclass_fields__}

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_module
 
 import tre_lightning.conf
 
-from tre_lightning.quickstart.report import load_run
+from tre_lightning.evaluation.report import load_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -59,7 +59,7 @@ def _compose(overrides: list[str], **kwargs):
 def test_defaults_are_the_embedded_quickstart(tmp_path) -> None:
     from hydra.utils import instantiate
 
-    from tre_lightning.quickstart import EmbeddedTask, WarmStartSource
+    from tre_lightning.tasks.embedded import EmbeddedTask, WarmStartSource
     from tre_lightning.regularizers import TREP
 
     cfg = _compose([f"output_dir={tmp_path}"])
@@ -89,7 +89,7 @@ def test_sweep_preset(tmp_path) -> None:
 
 
 def test_tre_train_quickstart_writes_the_report(tmp_path, capsys) -> None:
-    from tre_lightning.train import run
+    from tre_lightning.cli.train import run
 
     cfg = _compose([f"output_dir={tmp_path}", f"model.policy.cache_dir={tmp_path / 'cache'}", *TINY])
     run(cfg)

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import tre_lightning.checkpoint as ckpt_mod
-from tre_lightning.checkpoint import AtomicCheckpointIO, atomic_save, with_atomic_checkpoint_io
+import tre_lightning.training.checkpoint_io as ckpt_mod
+from tre_lightning.training.checkpoint_io import AtomicCheckpointIO, atomic_save, with_atomic_checkpoint_io
 
 TESTS = Path(__file__).resolve().parent
 MAX_STEPS = 4
@@ -53,7 +53,7 @@ def _command() -> list[str]:
     import shutil
 
     found = shutil.which("tre-train", path=os.path.dirname(sys.executable))
-    return [found] if found else [sys.executable, "-m", "tre_lightning.train"]
+    return [found] if found else [sys.executable, "-m", "tre_lightning.cli.train"]
 
 
 def _env() -> dict[str, str]:
@@ -245,7 +245,7 @@ def test_atomic_checkpoint_io_is_the_default_of_both_entry_points(tmp_path, monk
     from hydra import compose, initialize_config_module
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    from tre_lightning.train import build_trainer
+    from tre_lightning.cli.train import build_trainer
 
     with initialize_config_module(config_module="tre_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"output_dir={tmp_path}", "trainer=cpu", "logger=none"])
@@ -255,7 +255,7 @@ def test_atomic_checkpoint_io_is_the_default_of_both_entry_points(tmp_path, monk
         io = build_trainer(own).strategy.checkpoint_io
         assert type(io) is TorchCheckpointIO  # the user's own CheckpointIO wins
 
-    from tre_lightning.cli import run
+    from tre_lightning.cli.lightning import run
 
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "c.yaml"

@@ -27,7 +27,7 @@ from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
 
 from tre_lightning.tasks import DataError
-from tre_lightning.validation import ConfigError, check_task_data, validate_config
+from tre_lightning.cli.validation import ConfigError, check_task_data, validate_config
 
 HYDRA_BASE = [
     "model=tiny_random",
@@ -222,7 +222,7 @@ def spy(monkeypatch) -> _Spy:
     import transformers
     from transformers import PreTrainedModel
 
-    from tre_lightning.module import PPOModule
+    from tre_lightning.training.module import PPOModule
 
     record = _Spy()
     model_init = PreTrainedModel.__init__
@@ -268,7 +268,7 @@ def cli_config(tmp_path) -> Path:
 
 
 def _cli(config: Path, args: list[str]):
-    from tre_lightning.cli import run
+    from tre_lightning.cli.lightning import run
 
     return run(["fit", "--config", str(config), *args])
 
@@ -322,7 +322,7 @@ TRAINER_CASES = [
 def test_bad_trainer_or_callback_argument(case: Case, spy: _Spy, hydra_ctx, cli_config, monkeypatch,
                                           tmp_path) -> None:
     """Errors of the trainer's and the callbacks' own checks: also one clear error before any model."""
-    from tre_lightning.train import run
+    from tre_lightning.cli.train import run
 
     with pytest.raises(ConfigError) as info:
         run(_compose(case.hydra, tmp_path))
@@ -336,7 +336,7 @@ def test_bad_trainer_or_callback_argument(case: Case, spy: _Spy, hydra_ctx, cli_
 
 def test_valid_configs_pass_and_the_spy_sees_models(spy: _Spy, hydra_ctx, tmp_path) -> None:
     """Control: the base configs validate, and building the module's models is what the spy records."""
-    from tre_lightning.train import build_module
+    from tre_lightning.cli.train import build_module
 
     cfg = _compose([], tmp_path)
     parts = validate_config(cfg)
@@ -350,7 +350,7 @@ def test_valid_configs_pass_and_the_spy_sees_models(spy: _Spy, hydra_ctx, tmp_pa
 
 def test_valid_cli_config_builds_the_module_only_after_validation(spy: _Spy, cli_config, monkeypatch,
                                                                   tmp_path) -> None:
-    from tre_lightning.cli import run
+    from tre_lightning.cli.lightning import run
 
     monkeypatch.chdir(tmp_path)
     cli = run(["--config", str(cli_config)], run=False)
@@ -389,7 +389,7 @@ def test_every_shipped_config_validates(choice: str, spy: _Spy, hydra_ctx, tmp_p
 
 
 def test_shipped_lightning_example_validates(spy: _Spy, monkeypatch, tmp_path) -> None:
-    from tre_lightning.cli import EXAMPLE_CONFIG, run
+    from tre_lightning.cli.lightning import EXAMPLE_CONFIG, run
 
     monkeypatch.chdir(tmp_path)
     cli = run(["--config", str(EXAMPLE_CONFIG)], run=False)
@@ -415,7 +415,7 @@ DATA_CASES = [
 
 @pytest.mark.parametrize(("name", "rows", "row", "column"), DATA_CASES, ids=[c[0] for c in DATA_CASES])
 def test_bad_data_hydra_names_file_row_column(name, rows, row, column, spy: _Spy, hydra_ctx, tmp_path) -> None:
-    from tre_lightning.train import run
+    from tre_lightning.cli.train import run
 
     data = _rows_file(tmp_path / "countdown.jsonl", rows)
     cfg = _compose([f"task.train_path={data}", "task.train_size=null", "task.val_size=null"], tmp_path)
@@ -473,7 +473,7 @@ def _script(name: str) -> list[str]:
     found = shutil.which(name, path=os.path.dirname(sys.executable))
     if found:
         return [found]
-    module = {"tre-train": "tre_lightning.train", "tre-lightning": "tre_lightning.cli"}[name]
+    module = {"tre-train": "tre_lightning.cli.train", "tre-lightning": "tre_lightning.cli.lightning"}[name]
     return [sys.executable, "-m", module]
 
 

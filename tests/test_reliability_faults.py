@@ -17,8 +17,8 @@ from lightning.pytorch import Callback
 from test_module_support import CharTask, tiny_module, trainer
 
 from tre_lightning import regularizers as R
-from tre_lightning.data import render_prompts
-from tre_lightning.module import NonFiniteError
+from tre_lightning.training.data import render_prompts
+from tre_lightning.training.module import NonFiniteError
 
 
 class Poison:
@@ -181,7 +181,7 @@ def test_long_prompts_are_rejected_by_configuration() -> None:
 
 @pytest.mark.parametrize("overflow", ["truncate_left", "error"])
 def test_prompt_overflow_in_training(overflow: str) -> None:
-    from tre_lightning.config import RolloutConfig
+    from tre_lightning.training.config import RolloutConfig
 
     class Record(Callback):
         def __init__(self) -> None:

@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 from lightning.pytorch import Callback
 from test_module_support import CharTask, tiny_module, tiny_source, trainer
 
-from tre_lightning.config import RolloutConfig
+from tre_lightning.training.config import RolloutConfig
 from tre_lightning.rollout.base import SamplingParams
 from tre_lightning.rollout.hf import HFGenerateEngine
-from tre_lightning.scoring import MAX_ABANDONED, RewardGuard, decode_responses
+from tre_lightning.tasks.guard import MAX_ABANDONED, RewardGuard, decode_responses
 
 # --------------------------------------------------------------------------- RewardGuard
 
@@ -232,7 +232,7 @@ class ScriptedModel(torch.nn.Module):
 
 
 def _tasks():
-    from tre_lightning.quickstart import EmbeddedTask
+    from tre_lightning.tasks.embedded import EmbeddedTask
     from tre_lightning.tasks import CountdownTask, MathTask
 
     countdown = CountdownTask(train_size=4, val_size=4)
@@ -386,7 +386,7 @@ def test_grader_code_has_no_eval_exec_or_unbounded_symbolic_parsing() -> None:
 
 def test_code_in_model_output_is_never_run(tmp_path) -> None:
     """Responses that would create a file if any grader (or its helper process) evaluated them as Python."""
-    from tre_lightning.quickstart import EmbeddedTask
+    from tre_lightning.tasks.embedded import EmbeddedTask
     from tre_lightning.tasks import CountdownTask, MathTask
     from tre_lightning.tasks.math_grader import math_verify_available
 
@@ -410,8 +410,8 @@ def test_code_in_model_output_is_never_run(tmp_path) -> None:
 
 def test_tre_eval_scores_through_the_reward_guard() -> None:
     """``evaluate`` (tre-eval) guards ``task.score`` as training does: a raising reward scores 0, with a warning."""
-    from tre_lightning.config import EvalConfig
-    from tre_lightning.evaluate import evaluate
+    from tre_lightning.training.config import EvalConfig
+    from tre_lightning.evaluation.protocol import evaluate
 
     source = tiny_source()
     task = Failing("raise")

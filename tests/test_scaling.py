@@ -34,7 +34,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from test_module_support import CharTask, tiny_module, tiny_source, trainer
 
-from tre_lightning.extras import missing_extra
+from tre_lightning.cli.errors import missing_extra
 from tre_lightning.models.fsdp import FSDPConfig, has_4bit_layers, is_sharded
 from tre_lightning.rollout.vllm import VLLMUnavailableError
 
@@ -90,7 +90,7 @@ def test_tensor_parallelism_is_refused() -> None:
 
 
 def test_tre_train_passes_the_fsdp_node_to_the_module(tmp_path: Path) -> None:
-    from tre_lightning.train import build_module
+    from tre_lightning.cli.train import build_module
 
     cfg = _compose(["model=tiny_random", "task=countdown", "task.train_size=8", "task.val_size=2", "ppo=tiny",
                     "rollout=tiny", "strategy=fsdp", "fsdp.reshard_after_forward=false"], tmp_path)
@@ -275,7 +275,7 @@ LIGHTNING_TINY = ["--model.policy", "tre_lightning.models.TinyRandomSource", "--
 
 
 def test_tre_lightning_vllm_missing(tmp_path: Path) -> None:
-    from tre_lightning.cli import EXAMPLE_CONFIG
+    from tre_lightning.cli.lightning import EXAMPLE_CONFIG
 
     _no_vllm()
     proc = _run([_script("tre-lightning"), "fit", "--config", str(EXAMPLE_CONFIG), *LIGHTNING_TINY,
@@ -285,7 +285,7 @@ def test_tre_lightning_vllm_missing(tmp_path: Path) -> None:
 
 
 def test_tre_lightning_bitsandbytes_missing(tmp_path: Path) -> None:
-    from tre_lightning.cli import EXAMPLE_CONFIG
+    from tre_lightning.cli.lightning import EXAMPLE_CONFIG
 
     proc = _run([_script("tre-lightning"), "fit", "--config", str(EXAMPLE_CONFIG), *LIGHTNING_TINY,
                  "--model.optim.eight_bit", "true", "--trainer.default_root_dir", str(tmp_path)], tmp_path,

@@ -8,7 +8,7 @@ Builds the same classes as ``tre-train`` (Hydra) from ``class_path`` /
     tre-lightning fit --print_config      # the full config with defaults
     tre-lightning fit --help              # every argument; lists the regularizers
 
-Where the shipped example config is: ``python -c "from tre_lightning.cli import
+Where the shipped example config is: ``python -c "from tre_lightning.cli.lightning import
 EXAMPLE_CONFIG; print(EXAMPLE_CONFIG)"``.
 
 Regularizers (``--model.regularizers``, a list of ``class_path`` entries from
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
-from tre_lightning.module import PPOModule
-from tre_lightning.train import quiet_warnings
+from tre_lightning.training.module import PPOModule
+from tre_lightning.cli.train import quiet_warnings
 
 __all__ = ["EXAMPLE_CONFIG", "TRECLI", "main", "run"]
 
@@ -45,14 +45,14 @@ _DESCRIPTION = (
 
 
 class TRECLI(LightningCLI):
-    """LightningCLI for :class:`~tre_lightning.module.PPOModule` (module-owned dataloaders).
+    """LightningCLI for :class:`~tre_lightning.training.module.PPOModule` (module-owned dataloaders).
 
     Reliability additions (docs/reliability.md): a parse error or an invalid
-    config raises one :class:`~tre_lightning.validation.ConfigError` naming
+    config raises one :class:`~tre_lightning.cli.validation.ConfigError` naming
     the key and the allowed values, before any class is instantiated (so
     before any model or tokenizer is loaded); the task's data is loaded before
     the models are built; checkpoints are written atomically
-    (:class:`~tre_lightning.checkpoint.AtomicCheckpointIO`, unless
+    (:class:`~tre_lightning.training.checkpoint_io.AtomicCheckpointIO`, unless
     ``trainer.plugins`` brings a ``CheckpointIO``).
     """
 
@@ -64,7 +64,7 @@ class TRECLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - LightningCLI signature
         from argparse import ArgumentError
 
-        from tre_lightning.validation import explain_cli_error
+        from tre_lightning.cli.validation import explain_cli_error
 
         try:
             super().parse_arguments(parser, args)
@@ -72,7 +72,7 @@ class TRECLI(LightningCLI):
             raise explain_cli_error(str(err)) from None
 
     def before_instantiate_classes(self) -> None:
-        from tre_lightning.validation import validate_cli_config
+        from tre_lightning.cli.validation import validate_cli_config
 
         validate_cli_config(self.config[self.subcommand] if self.subcommand else self.config)
 
@@ -80,7 +80,7 @@ class TRECLI(LightningCLI):
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
         from tre_lightning.tasks.data_io import DataError
-        from tre_lightning.validation import ConfigError, explain_instantiation_error
+        from tre_lightning.cli.validation import ConfigError, explain_instantiation_error
 
         try:
             super().instantiate_classes()
@@ -90,14 +90,14 @@ class TRECLI(LightningCLI):
             raise explain_instantiation_error(err) from None
 
     def instantiate_trainer(self, **kwargs):  # noqa: ANN003, ANN201 - LightningCLI signature
-        from tre_lightning.checkpoint import with_atomic_checkpoint_io
+        from tre_lightning.training.checkpoint_io import with_atomic_checkpoint_io
 
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
         kwargs["plugins"] = with_atomic_checkpoint_io(plugins)
         return super().instantiate_trainer(**kwargs)
 
     def _check_data(self) -> None:
-        from tre_lightning.validation import check_task_data
+        from tre_lightning.cli.validation import check_task_data
 
         check_task_data(self.model.task, key="model.task", batch_size=self.model.ppo_cfg.batch_size)
 
@@ -110,8 +110,8 @@ class TRECLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point ``tre-lightning``."""
-    from tre_lightning.extras import exit_on_missing_extra
-    from tre_lightning.validation import exit_on_config_error
+    from tre_lightning.cli.errors import exit_on_missing_extra
+    from tre_lightning.cli.validation import exit_on_config_error
 
     # a bad config or bad data: a one-line message, exit status 2, no traceback
     with exit_on_config_error("tre-lightning"), exit_on_missing_extra("tre-lightning"):

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tre_lightning.config import EvalConfig
+from tre_lightning.training.config import EvalConfig
 from tre_lightning.tasks.base import Task
 
 __all__ = [
@@ -51,7 +51,7 @@ def build_eval_metrics(task: Task, cfg: EvalConfig) -> nn.ModuleDict:
     ``response_length``; all keep sums and counts, so they are exact across processes."""
     from torchmetrics import MeanMetric
 
-    from tre_lightning.metrics import MeanReward, PassAtK
+    from tre_lightning.evaluation.metrics import MeanReward, PassAtK
 
     metrics: dict[str, nn.Module] = {"reward": MeanReward()}
     if task.binary_reward:
@@ -110,7 +110,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Run the evaluation protocol on ``task.val_examples()`` (one process).
 
-    ``task.score`` goes through the same :class:`~tre_lightning.scoring.RewardGuard`
+    ``task.score`` goes through the same :class:`~tre_lightning.tasks.guard.RewardGuard`
     as training (``score_timeout``: seconds per call, > 0, or None): a reward
     function that raises, hangs or returns bad values scores those responses 0
     (with a warning) instead of stopping the evaluation.
@@ -119,9 +119,9 @@ def evaluate(
         ``val/pass@k`` (binary tasks), ``val/reward``, ``val/response_length``,
         ``prompts`` and ``samples``.
     """
-    from tre_lightning.data import PromptBatches
+    from tre_lightning.training.data import PromptBatches
     from tre_lightning.rollout.hf import HFGenerateEngine
-    from tre_lightning.scoring import RewardGuard
+    from tre_lightning.tasks.guard import RewardGuard
 
     cfg = cfg if cfg is not None else EvalConfig()
     scorer = RewardGuard(task, timeout=score_timeout, name="tre-eval").as_task()
@@ -266,7 +266,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point ``tre-eval``."""
-    from tre_lightning.extras import exit_on_missing_extra
+    from tre_lightning.cli.errors import exit_on_missing_extra
 
     with exit_on_missing_extra("tre-eval"):  # vLLM / bitsandbytes chosen but missing: message, no traceback
         run(argv)

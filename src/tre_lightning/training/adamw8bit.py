@@ -216,7 +216,7 @@ def _make_class(bnb: Any) -> type[torch.optim.Optimizer]:
         """bitsandbytes ``AdamW8bit`` that also steps FSDP2 (``DTensor``) parameters.
 
         Same arguments as ``bitsandbytes.optim.AdamW8bit``. See the
-        ``tre_lightning.optim`` module docstring for how sharded parameters
+        ``tre_lightning.training.adamw8bit`` module docstring for how sharded parameters
         and checkpoints are handled.
         """
 

@@ -20,7 +20,7 @@ fraction of pairs with r_chosen > r_rejected.
   :class:`~tre_lightning.tasks.HHTask` loads).
 
 Entry points: ``tre-train-rm`` (Hydra, ``conf/train_rm.yaml``) and the
-Lightning CLI, ``python -m tre_lightning.reward_model fit --model.model_path …
+Lightning CLI, ``python -m tre_lightning.training.reward_model fit --model.model_path …
 --data.train_path … --data.tokenizer_path …``.
 """
 

@@ -10,10 +10,10 @@ with no download.
 - :mod:`.report`: the before → after table, the metrics CSV and the PNG plot.
 """
 
-from tre_lightning.quickstart.puzzles import Puzzle, check, generate, noisy_solution, split
-from tre_lightning.quickstart.task import EmbeddedTask
-from tre_lightning.quickstart.tokenizer import quickstart_tokenizer, useful_token_ids
-from tre_lightning.quickstart.warmstart import WarmStartConfig, WarmStartSource, train_warm_start
+from tre_lightning.tasks.embedded.puzzles import Puzzle, check, generate, noisy_solution, split
+from tre_lightning.tasks.embedded.task import EmbeddedTask
+from tre_lightning.tasks.embedded.tokenizer import quickstart_tokenizer, useful_token_ids
+from tre_lightning.tasks.embedded.warmstart import WarmStartConfig, WarmStartSource, train_warm_start
 
 __all__ = [
     "EmbeddedTask",

@@ -2,7 +2,7 @@
 
 Usage: ``tre-train-rm model_path=PATH train_path=PATH save_dir=PATH [key=value ...]``;
 ``tre-train-rm --help`` explains every key. The same objects can be built by
-the Lightning CLI: ``python -m tre_lightning.reward_model fit --help``.
+the Lightning CLI: ``python -m tre_lightning.training.reward_model fit --help``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Implements the :class:`~tre_lightning.tasks.base.Task` protocol; generated
 from a seed, so it needs no file and no network. See
-:mod:`tre_lightning.quickstart.puzzles` for the family, the checker and the
+:mod:`tre_lightning.tasks.embedded.puzzles` for the family, the checker and the
 noisy solver used by the warm start.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tre_lightning.quickstart.puzzles import DIGITS, Puzzle, check, split
+from tre_lightning.tasks.embedded.puzzles import DIGITS, Puzzle, check, split
 from tre_lightning.tasks.base import Example, Messages
 
 __all__ = ["EmbeddedTask"]

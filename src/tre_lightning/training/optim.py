@@ -1,7 +1,7 @@
 """Optimizers, learning-rate schedules and gradient clipping for the PPO module.
 
 Optimizer construction lives in one small function (:func:`build_optimizer`,
-which defers to :func:`tre_lightning.optim.build_optimizer`: torch AdamW or
+which defers to :func:`tre_lightning.training.adamw8bit.build_optimizer`: torch AdamW or
 8-bit AdamW). The schedules count PPO iterations (one per
 ``training_step``), as verl does.
 """
@@ -16,14 +16,14 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from tre_lightning.config import OptimConfig
+from tre_lightning.training.config import OptimConfig
 
 __all__ = ["build_optimizer", "build_scheduler", "clip_grad_norm", "lr_factor"]
 
 
 def build_optimizer(params: Iterable[nn.Parameter], lr: float, cfg: OptimConfig) -> Optimizer:
     """AdamW (torch, or 8-bit bitsandbytes with ``cfg.eight_bit``) over the trainable ``params``."""
-    from tre_lightning.optim import build_optimizer as _build
+    from tre_lightning.training.adamw8bit import build_optimizer as _build
 
     return _build(
         params,

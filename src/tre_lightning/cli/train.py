@@ -2,7 +2,7 @@
 
 Composes ``conf/train.yaml`` from its groups (model, task, regularizer,
 rollout, ppo, optim, eval, trainer, strategy, logger, callbacks, experiment),
-builds :class:`~tre_lightning.module.PPOModule` and a ``lightning.Trainer``
+builds :class:`~tre_lightning.training.module.PPOModule` and a ``lightning.Trainer``
 from it and fits. ``tre-train --help`` lists the groups and options;
 ``tre-train --cfg job`` prints the composed config.
 
@@ -47,7 +47,7 @@ def _instantiate(node: Any) -> Any:
 
 def build_module(cfg: DictConfig) -> Any:
     """PPOModule from the composed config (one group per constructor argument)."""
-    from tre_lightning.module import PPOModule
+    from tre_lightning.training.module import PPOModule
 
     regularizers = _instantiate(cfg.get("regularizers")) or {}
     return PPOModule(
@@ -71,12 +71,12 @@ def build_module(cfg: DictConfig) -> Any:
 def build_trainer(cfg: DictConfig) -> Any:
     """lightning.Trainer from ``cfg.trainer`` with the callbacks and loggers by name.
 
-    Checkpoints are written atomically (:class:`~tre_lightning.checkpoint.AtomicCheckpointIO`)
+    Checkpoints are written atomically (:class:`~tre_lightning.training.checkpoint_io.AtomicCheckpointIO`)
     unless ``trainer.plugins`` brings its own ``CheckpointIO``.
     """
     from hydra.utils import instantiate
 
-    from tre_lightning.checkpoint import with_atomic_checkpoint_io
+    from tre_lightning.training.checkpoint_io import with_atomic_checkpoint_io
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
@@ -87,13 +87,13 @@ def build_trainer(cfg: DictConfig) -> Any:
 def run(cfg: DictConfig) -> dict[str, float]:
     """Fit (optionally validate first), export the actor, return the final logged metrics.
 
-    The whole config is validated first (:func:`tre_lightning.validation.validate_config`:
-    a :class:`~tre_lightning.validation.ConfigError` before anything is built), and the
+    The whole config is validated first (:func:`tre_lightning.cli.validation.validate_config`:
+    a :class:`~tre_lightning.cli.validation.ConfigError` before anything is built), and the
     task's data is loaded before the trainer builds the models.
     """
     import lightning as L
 
-    from tre_lightning.validation import check_task_data, guard, validate_config
+    from tre_lightning.cli.validation import check_task_data, guard, validate_config
 
     quiet_warnings()
     validate_config(cfg)
@@ -123,8 +123,8 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path="pkg://tre_lightning.conf", config_name="train")
     def _main(cfg: DictConfig) -> None:
-        from tre_lightning.extras import exit_on_missing_extra
-        from tre_lightning.validation import exit_on_config_error, resolve
+        from tre_lightning.cli.errors import exit_on_missing_extra
+        from tre_lightning.cli.validation import exit_on_config_error, resolve
 
         # a bad config or bad data: a one-line message, exit status 2, no traceback
         with exit_on_config_error("tre-train"):

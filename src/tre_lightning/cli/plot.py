@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (0 ok, 1 no runs found)."""
-    from tre_lightning.quickstart.report import find_runs, format_sweep_table, plot_sweep, sweep_rows
+    from tre_lightning.evaluation.report import find_runs, format_sweep_table, plot_sweep, sweep_rows
 
     args = build_parser().parse_args(argv)
     if not 0.0 <= args.smoothing < 1.0:

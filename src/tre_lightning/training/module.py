@@ -42,9 +42,9 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
-from tre_lightning.config import EvalConfig, OptimConfig, PPOConfig, RolloutConfig
-from tre_lightning.data import DataPosition, PromptBatches, prompt_loader
-from tre_lightning.evaluate import build_eval_metrics, metric_name, score_batch, update_eval_metrics
+from tre_lightning.training.config import EvalConfig, OptimConfig, PPOConfig, RolloutConfig
+from tre_lightning.training.data import DataPosition, PromptBatches, prompt_loader
+from tre_lightning.evaluation.protocol import build_eval_metrics, metric_name, score_batch, update_eval_metrics
 from tre_lightning.models.critic import ValueHead, ValueModel
 from tre_lightning.models.forward import policy_forward
 from tre_lightning.models.fsdp import (
@@ -54,7 +54,7 @@ from tre_lightning.models.fsdp import (
     is_sharded,
     save_hf_pretrained,
 )
-from tre_lightning.models.optimization import build_optimizer, build_scheduler, clip_grad_norm
+from tre_lightning.training.optim import build_optimizer, build_scheduler, clip_grad_norm
 from tre_lightning.models.source import ModelSource, freeze
 from tre_lightning.ppo import (
     aggregate_loss,
@@ -75,7 +75,7 @@ from tre_lightning.regularizers.functional import log_probs_from_logits, token_s
 from tre_lightning.rollout.base import Rollout, RolloutEngine, SamplingParams
 from tre_lightning.rollout.experience import Experience
 from tre_lightning.rollout.hf import HFGenerateEngine
-from tre_lightning.scoring import RewardGuard, decode_responses
+from tre_lightning.tasks.guard import RewardGuard, decode_responses
 from tre_lightning.tasks.base import Example, Task
 
 __all__ = ["NonFiniteError", "PPOModule"]
@@ -503,7 +503,7 @@ class PPOModule(LightningModule):
 
     @property
     def reward_guard(self) -> RewardGuard:
-        """Calls ``task.score`` isolated and bounded by ``rollout.score_timeout`` (tre_lightning.scoring)."""
+        """Calls ``task.score`` isolated and bounded by ``rollout.score_timeout`` (tre_lightning.tasks.guard)."""
         guard = self.__dict__.get("_reward_guard")
         if guard is None or guard.task is not self.task:
             guard = RewardGuard(self.task, timeout=self.rollout_cfg.score_timeout)

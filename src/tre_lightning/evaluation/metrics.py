@@ -1,7 +1,7 @@
 """Evaluation metrics and the paper's evaluation protocol.
 
 Protocol (paper, section 6): 8 samples per test prompt, temperature 1.0,
-top-p 0.7 (the sampling settings live in :class:`tre_lightning.config.EvalConfig`,
+top-p 0.7 (the sampling settings live in :class:`tre_lightning.training.config.EvalConfig`,
 ``conf/eval/paper.yaml``). MATH and Countdown report Pass@1 = mean correctness
 over samples and prompts; HH reports the mean reward. :func:`eval_metrics`
 builds the matching metric collection for a task.

@@ -152,7 +152,7 @@ def _guard(key: str, fn: Callable[[], Any], fields: Sequence[str] = ()) -> Any:
     except ConfigError:
         raise
     except (HydraException, OmegaConfBaseException, *_expected()) as err:
-        from tre_lightning.extras import missing_extra
+        from tre_lightning.cli.errors import missing_extra
 
         if missing_extra(err) is not None:  # vLLM / bitsandbytes missing: the entry points' own message
             raise
@@ -217,7 +217,7 @@ def check_components(parts: Mapping[str, Any], keys: Mapping[str, str]) -> None:
             optionally ``precision``.
         keys: the config key of each part, as the entry point spells it.
     """
-    from tre_lightning.config import PPOConfig, RolloutConfig
+    from tre_lightning.training.config import PPOConfig, RolloutConfig
     from tre_lightning.regularizers.base import Regularizer
 
     rollout = parts.get("rollout") or RolloutConfig()
@@ -314,7 +314,7 @@ def validate_config(cfg: Any) -> dict[str, Any]:
     """
     from omegaconf import DictConfig, OmegaConf
 
-    from tre_lightning.config import EvalConfig, OptimConfig, PPOConfig, RolloutConfig
+    from tre_lightning.training.config import EvalConfig, OptimConfig, PPOConfig, RolloutConfig
 
     for key in ("model", "task"):
         if OmegaConf.select(cfg, key, throw_on_missing=False) is None:
@@ -443,7 +443,7 @@ def validate_cli_config(config: Any) -> dict[str, Any]:
     Same checks as :func:`validate_config`, keys spelled as on the CLI
     (``model.ppo.micro_batch_size``, ``model.regularizers[0].top_p``).
     """
-    from tre_lightning.config import EvalConfig, OptimConfig, PPOConfig, RolloutConfig
+    from tre_lightning.training.config import EvalConfig, OptimConfig, PPOConfig, RolloutConfig
 
     model = _ns_dict(config.get("model") if hasattr(config, "get") else config["model"]) or {}
     trainer = _ns_dict(config.get("trainer") if hasattr(config, "get") else None) or {}
@@ -573,7 +573,7 @@ def explain_instantiation_error(err: BaseException) -> ConfigError:
 
 
 def _class_for(key: str, class_path: str | None) -> type | None:
-    from tre_lightning.config import EvalConfig, OptimConfig, PPOConfig, RolloutConfig
+    from tre_lightning.training.config import EvalConfig, OptimConfig, PPOConfig, RolloutConfig
 
     if class_path:
         try:

@@ -3,7 +3,7 @@
 The paper starts PPO from Instruct models that already solve part of the
 problems. The quickstart does the same in miniature: a tiny Qwen2 (built from
 a config, random weights) is trained for a few hundred steps on solutions
-written by the noisy solver of :func:`tre_lightning.quickstart.puzzles.noisy_solution`
+written by the noisy solver of :func:`tre_lightning.tasks.embedded.puzzles.noisy_solution`
 (never on the validation puzzles), so that it starts PPO with a modest
 success rate. The result is saved as an ordinary HF model folder in a cache
 directory, under a key that hashes everything that determines it (its
@@ -35,9 +35,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tre_lightning.models.tiny import tiny_qwen2_config
-from tre_lightning.quickstart.puzzles import Puzzle, generate, noisy_solution
-from tre_lightning.quickstart.task import EmbeddedTask
-from tre_lightning.quickstart.tokenizer import quickstart_tokenizer
+from tre_lightning.tasks.embedded.puzzles import Puzzle, generate, noisy_solution
+from tre_lightning.tasks.embedded.task import EmbeddedTask
+from tre_lightning.tasks.embedded.tokenizer import quickstart_tokenizer
 
 __all__ = ["CACHE_VERSION", "WarmStartConfig", "WarmStartSource", "default_cache_dir", "train_warm_start"]
 
