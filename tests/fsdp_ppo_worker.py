@@ -239,9 +239,9 @@ def full_state(module: PPOModule) -> dict[str, Tensor]:
     """Consolidated actor + critic (or value head) weights; a collective when sharded (rank 0 gets them)."""
     from tre_lightning.models.fsdp import consolidated_state_dict
 
-    out = {f"actor.{k}": v for k, v in consolidated_state_dict(module.actor).items()}
-    second = module.value_head if module.share_backbone else module.critic
-    name = "value_head" if module.share_backbone else "critic"
+    out = {f"actor.{k}": v for k, v in consolidated_state_dict(module.model.actor).items()}
+    second = module.model.value_head if module.model.share_backbone else module.model.critic
+    name = "value_head" if module.model.share_backbone else "critic"
     out.update({f"{name}.{k}": v for k, v in consolidated_state_dict(second).items()})
     return out
 
@@ -288,22 +288,22 @@ def main() -> None:
     module = build_module(cfg, world=WORLD, engine=engine_for(cfg))
     ckpt = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
     trainer = _trainer(out, [ckpt], STEPS, validate=True)
-    trainer.fit(module)
+    fit(trainer, module)
     rank = dist.get_rank()
     state = full_state(module)
     module.export_hf(str(out / "hf"))
     torch.save(
         {"recorded": module.recorded, "steps": module.steps, "global_step": trainer.global_step,
          "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-         "sharded": sorted({type(p).__name__ for p in module.actor.parameters()}),
-         "critic_sharded": sorted({type(p).__name__ for p in module.critic_parameters()}),
-         "ref_sharded": sorted({type(p).__name__ for p in module.ref.parameters()}) if module.ref is not None else [],
+         "sharded": sorted({type(p).__name__ for p in module.model.actor.parameters()}),
+         "critic_sharded": sorted({type(p).__name__ for p in module.model.critic_parameters()}),
+         "ref_sharded": sorted({type(p).__name__ for p in module.model.reference.parameters()}) if module.model.reference is not None else [],
          "optimizers": [type(o).__name__ for o in trainer.optimizers],
          "sharded_during_generate": module.engine.sharded_during_generate,
-         "ref_4bit": module.ref is not None and has_4bit_layers(module.ref),
+         "ref_4bit": module.model.reference is not None and has_4bit_layers(module.model.reference),
          "ref_in_state_dict": any(k.startswith("ref.") for k in module.state_dict()),
-         "param_dtypes": sorted({str(p.dtype) for p in module.actor.parameters()}),
-         "checkpointing": [checkpointing(m) for m in (module.actor, module.critic) if m is not None]},
+         "param_dtypes": sorted({str(p.dtype) for p in module.model.actor.parameters()}),
+         "checkpointing": [checkpointing(m) for m in (module.model.actor, module.model.critic) if m is not None]},
         out / f"a_rank{rank}.pt",
     )
     if rank == 0:
@@ -313,7 +313,7 @@ def main() -> None:
     if args.resume:
         resumed = build_module(cfg, world=WORLD, engine=engine_for(cfg))
         trainer_b = _trainer(out / "b", [], STEPS, validate=False)
-        trainer_b.fit(resumed, ckpt_path=str(out / "ckpt" / f"step={RESUME_AT}.ckpt"))
+        fit(trainer_b, resumed, ckpt_path=str(out / "ckpt" / f"step={RESUME_AT}.ckpt"))
         state_b = full_state(resumed)
         torch.save({"recorded": resumed.recorded, "steps": resumed.steps, "global_step": trainer_b.global_step},
                    out / f"b_rank{rank}.pt")

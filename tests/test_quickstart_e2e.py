@@ -39,8 +39,8 @@ TINY = [
     "ppo.batch_size=4",
     "ppo.mini_batch_size=2",
     "ppo.micro_batch_size=8",
-    "eval.n=2",
-    "eval.batch_size=8",
+    "evaluation.n=2",
+    "evaluation.batch_size=8",
     "trainer.max_steps=2",
     "trainer.val_check_interval=2",
     "trainer.enable_progress_bar=false",
@@ -126,7 +126,7 @@ def _script(name: str) -> str:
 def test_sweep_subset_then_tre_plot(tmp_path) -> None:
     sweep = tmp_path / "sweep"
     env = {**os.environ, "TRE_LIGHTNING_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    cmd = [_script("tre-train"), "-m", "experiment=quickstart_sweep", "regularizer=none,tre_p", "seed=0",
+    cmd = [_script("tre-train"), "-m", "experiment=quickstart_sweep", "regularizers=none,tre_p", "seed=0",
            f"hydra.sweep.dir={sweep}", *TINY]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -209,13 +209,13 @@ def test_a_stale_temporary_file_is_removed_by_the_next_save(tmp_path) -> None:
 
 def test_trainer_crash_while_saving_last_keeps_it_loadable_and_resumable(tmp_path, monkeypatch) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from test_module_support import CharTask, tiny_module, trainer
+    from test_module_support import CharTask, tiny_module, fit, trainer, validate
 
     def fit(max_steps: int, ckpt_path: str | None = None):
         checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=-1)
         t = trainer(tmp_path, max_steps=max_steps, callbacks=[checkpoint], enable_checkpointing=True,
                     plugins=[AtomicCheckpointIO()])
-        t.fit(tiny_module(CharTask(), batch_size=4, mini_batch_size=2), ckpt_path=ckpt_path)
+        fit(t, tiny_module(CharTask(), batch_size=4, mini_batch_size=2), ckpt_path=ckpt_path)
         return t
 
     fit(1)
@@ -245,14 +245,15 @@ def test_atomic_checkpoint_io_is_the_default_of_both_entry_points(tmp_path, monk
     from hydra import compose, initialize_config_module
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    from tre_lightning.cli.train import build_trainer
+    from tre_lightning.cli.train import build
 
+    tiny = ["model=tiny_random", "task=countdown", "task.train_size=8", "task.val_size=2", "ppo=tiny", "rollout=tiny"]
     with initialize_config_module(config_module="tre_lightning.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"output_dir={tmp_path}", "trainer=cpu", "logger=none"])
-        assert isinstance(build_trainer(cfg).strategy.checkpoint_io, AtomicCheckpointIO)
+        cfg = compose("train", overrides=[f"output_dir={tmp_path}", "trainer=cpu", "logger=none", *tiny])
+        assert isinstance(build(cfg).trainer.strategy.checkpoint_io, AtomicCheckpointIO)
         own_io = "+trainer.plugins=[{_target_:lightning.pytorch.plugins.io.TorchCheckpointIO}]"
-        own = compose("train", overrides=[f"output_dir={tmp_path}", "trainer=cpu", "logger=none", own_io])
-        io = build_trainer(own).strategy.checkpoint_io
+        own = compose("train", overrides=[f"output_dir={tmp_path}", "trainer=cpu", "logger=none", own_io, *tiny])
+        io = build(own).trainer.strategy.checkpoint_io
         assert type(io) is TorchCheckpointIO  # the user's own CheckpointIO wins
 
     from tre_lightning.cli.lightning import run
@@ -262,7 +263,7 @@ def test_atomic_checkpoint_io_is_the_default_of_both_entry_points(tmp_path, monk
     config.write_text(
         "trainer: {accelerator: cpu, logger: false}\n"
         "model:\n"
-        "  policy: {class_path: tre_lightning.models.TinyRandomSource, init_args: {hidden_size: 32}}\n"
+        "  model: {policy: {class_path: tre_lightning.models.TinyRandomSource, init_args: {hidden_size: 32}}}\n"
         "  task: {class_path: tre_lightning.tasks.CountdownTask, init_args: {train_size: 8, val_size: 2}}\n"
         "  rollout: {n: 2}\n"
         "  ppo: {batch_size: 4, mini_batch_size: 2, micro_batch_size: 2}\n"

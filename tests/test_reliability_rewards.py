@@ -22,7 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lightning.pytorch import Callback
-from test_module_support import CharTask, tiny_module, tiny_source, trainer
+from test_module_support import CharTask, tiny_module, tiny_source, fit, trainer, validate
 
 from tre_lightning.training.config import RolloutConfig
 from tre_lightning.rollout.base import SamplingParams
@@ -176,9 +176,9 @@ class Failing(CharTask):
 def test_training_goes_on_when_the_reward_function_fails(mode: str, counter: str) -> None:
     task = Failing(mode)
     module = tiny_module(task, batch_size=4, mini_batch_size=2)
-    module.rollout_cfg = RolloutConfig(n=2, max_new_tokens=6, max_prompt_length=64, score_timeout=0.3)
+    module.rollout = RolloutConfig(n=2, max_new_tokens=6, max_prompt_length=64, score_timeout=0.3)
     module.configure_model()
-    before = {k: v.detach().clone() for k, v in module.critic.state_dict().items()}
+    before = {k: v.detach().clone() for k, v in module.model.critic.state_dict().items()}
     record = Record()
     start = time.monotonic()
     try:
@@ -186,7 +186,7 @@ def test_training_goes_on_when_the_reward_function_fails(mode: str, counter: str
             warnings.simplefilter("always")
             t = trainer(max_steps=3, callbacks=[record], limit_val_batches=1, val_check_interval=3,
                         check_val_every_n_epoch=None)
-            t.fit(module)
+            fit(t, module)
     finally:
         task.release.set()
     assert t.global_step == 3 and time.monotonic() - start < 60
@@ -197,14 +197,14 @@ def test_training_goes_on_when_the_reward_function_fails(mode: str, counter: str
         assert m["train/nonfinite_skips"] == 0.0
     assert any("scored 0 because the reward function failed" in str(w.message) for w in caught)
     # the critic still learned (returns are 0, values were not): the update ran with finite numbers
-    assert any(not torch.equal(before[k], v) for k, v in module.critic.state_dict().items())
-    assert all(torch.isfinite(v).all() for v in module.actor.state_dict().values())
+    assert any(not torch.equal(before[k], v) for k, v in module.model.critic.state_dict().items())
+    assert all(torch.isfinite(v).all() for v in module.model.actor.state_dict().values())
     assert math.isfinite(float(t.callback_metrics["val/reward"]))  # validation scored through the guard too
 
 
 def test_healthy_rewards_report_no_failures() -> None:
     record = Record()
-    trainer(max_steps=1, callbacks=[record]).fit(tiny_module(CharTask(), batch_size=4, mini_batch_size=2))
+    fit(trainer(max_steps=1, callbacks=[record]), tiny_module(CharTask(), batch_size=4, mini_batch_size=2))
     m = record.metrics[0]
     for name in ("reward/failures", "reward/score_errors", "reward/score_timeouts", "reward/invalid",
                  "reward/grader_timeouts", "reward/grader_errors", "reward/decode_failures"):

@@ -32,7 +32,7 @@ from hydra import compose, initialize_config_module
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from test_module_support import CharTask, tiny_module, tiny_source, trainer
+from test_module_support import CharTask, tiny_module, tiny_source, fit, trainer, validate
 
 from tre_lightning.cli.errors import missing_extra
 from tre_lightning.models.fsdp import FSDPConfig, has_4bit_layers, is_sharded
@@ -61,18 +61,18 @@ def test_fsdp_config_validates_and_maps_to_shard_model() -> None:
 
 def test_module_takes_fsdp_options_and_stores_them() -> None:
     module = tiny_module(fsdp={"mixed_precision": "bf16", "activation_checkpointing": True})
-    assert module.fsdp_cfg == FSDPConfig(mixed_precision="bf16", activation_checkpointing=True)
-    assert module.hparams["fsdp"]["mixed_precision"] == "bf16"
-    assert tiny_module().fsdp_cfg == FSDPConfig()
+    assert module.model.fsdp == FSDPConfig(mixed_precision="bf16", activation_checkpointing=True)
+    assert "mixed_precision='bf16'" in module.hparams["model"]  # the checkpoint records the sharding options
+    assert tiny_module().model.fsdp == FSDPConfig()
 
 
 def test_without_model_parallel_strategy_nothing_is_sharded() -> None:
     module = tiny_module(gradient_checkpointing=True)
     module.configure_model()
     assert module.device_mesh is None
-    assert not is_sharded(module.actor) and not is_sharded(module.critic)
+    assert not is_sharded(module.model.actor) and not is_sharded(module.model.critic)
     # gradient checkpointing without FSDP2: HF's own, on every decoder layer
-    assert all(layer.gradient_checkpointing for layer in module.actor.model.layers)
+    assert all(layer.gradient_checkpointing for layer in module.model.actor.model.layers)
 
 
 class _FakeMesh:
@@ -90,12 +90,12 @@ def test_tensor_parallelism_is_refused() -> None:
 
 
 def test_tre_train_passes_the_fsdp_node_to_the_module(tmp_path: Path) -> None:
-    from tre_lightning.cli.train import build_module
+    from tre_lightning.cli.train import build
 
     cfg = _compose(["model=tiny_random", "task=countdown", "task.train_size=8", "task.val_size=2", "ppo=tiny",
-                    "rollout=tiny", "strategy=fsdp", "fsdp.reshard_after_forward=false"], tmp_path)
-    module = build_module(cfg)
-    assert module.fsdp_cfg == FSDPConfig(mixed_precision="bf16", reshard_after_forward=False)
+                    "rollout=tiny", "strategy=fsdp", "model.fsdp.reshard_after_forward=false"], tmp_path)
+    module = build(cfg).module
+    assert module.model.fsdp == FSDPConfig(mixed_precision="bf16", reshard_after_forward=False)
 
 
 @pytest.mark.slow
@@ -113,9 +113,9 @@ def test_tre_train_fsdp_two_processes_run_resume_export(tmp_path: Path) -> None:
         proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
                      "127.0.0.1", "--master-port", str(port), "--no-python", _script("tre-train"),
                      "model=tiny_random", "task=countdown", "task.train_size=32", "task.val_size=4",
-                     "rollout=tiny", "ppo=tiny", "optim=tiny", "eval=tiny", "trainer=cpu", "trainer.devices=2",
+                     "rollout=tiny", "ppo=tiny", "optim=tiny", "evaluation=tiny", "trainer=cpu", "trainer.devices=2",
                      "trainer.enable_progress_bar=false", "trainer.val_check_interval=2", "validate_first=false",
-                     "strategy=fsdp", "fsdp.mixed_precision=none",
+                     "strategy=fsdp", "model.fsdp.mixed_precision=none",
                      "callbacks.checkpoint.every_n_train_steps=1", f"hydra.run.dir={tmp_path / 'run'}",
                      f"export_hf={tmp_path / 'run' / 'hf_model'}", *extra], tmp_path)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -159,12 +159,12 @@ def test_4bit_reference_is_frozen_unregistered_and_used_for_the_kl(wide_folder: 
     module = tiny_module(CharTask(), source=PretrainedSource(str(wide_folder), dtype="float32"),
                          reference=reference, kl_coef=0.1)
     record = Metrics()
-    trainer(max_steps=2, callbacks=[record]).fit(module)
-    assert has_4bit_layers(module.ref)
-    assert not any(p.requires_grad for p in module.ref.parameters())
+    fit(trainer(max_steps=2, callbacks=[record]), module)
+    assert has_4bit_layers(module.model.reference)
+    assert not any(p.requires_grad for p in module.model.reference.parameters())
     # outside the module tree: not in the state dict (checkpoints), not among the trained parameters
     assert not any(k.startswith("ref.") for k in module.state_dict())
-    assert all(m is not module.ref for m in module.modules())
+    assert all(m is not module.model.reference for m in module.modules())
     # the KL against the NF4 copy of the initial policy: nonzero (quantization), small, finite
     assert len(record.kl) == 2 and all(0 < abs(v) < 1.0 for v in record.kl)
 
@@ -251,7 +251,7 @@ def _no_vllm() -> None:
 
 
 TINY_TRAIN = ["task=countdown", "task.train_size=32", "task.val_size=4", "rollout=tiny", "ppo=tiny", "optim=tiny",
-              "eval=tiny", "trainer=cpu", "trainer.max_steps=1", "trainer.enable_progress_bar=false",
+              "evaluation=tiny", "trainer=cpu", "trainer.max_steps=1", "trainer.enable_progress_bar=false",
               "validate_first=false", "export_hf=null", "logger=none", "callbacks=minimal"]
 
 
@@ -388,7 +388,8 @@ def test_doc_lightning_cli_command_parses(tmp_path: Path) -> None:
     world = config["trainer"]["devices"] * config["trainer"]["num_nodes"]
     assert strategy["init_args"]["data_parallel_size"] == world and strategy["init_args"]["tensor_parallel_size"] == 1
     model = config["model"]
-    assert model["fsdp"]["mixed_precision"] == "bf16"
+    actor_critic = model["model"].get("init_args", model["model"])
+    assert actor_critic["fsdp"]["mixed_precision"] == "bf16"
     assert model["engine"]["class_path"] == "tre_lightning.rollout.vllm.VLLMEngine"
     assert model["ppo"]["batch_size"] * world == 512 and model["ppo"]["mini_batch_size"] * world == 64
-    assert model["policy"]["init_args"]["dtype"] == "float32"
+    assert actor_critic["policy"]["init_args"]["dtype"] == "float32"

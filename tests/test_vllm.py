@@ -461,7 +461,7 @@ def test_engine_falls_back_to_apply_model(fake_vllm: type[FakeLLM], tmp_path) ->
 def test_ppo_module_trains_with_the_vllm_engine(fake_vllm: type[FakeLLM], tmp_path) -> None:
     """The module's side of the engine protocol: rollouts come from vLLM, every PPO update is pushed
     into it (after waking the weights), so the engine ends on the trained actor's weights."""
-    from test_module_support import tiny_module, tiny_source, trainer
+    from test_module_support import tiny_module, tiny_source, fit, trainer, validate
 
     class SamplingFakeLLM(FakeLLM):  # the fake decodes greedily whatever the temperature
         def generate(self, prompts: list[dict], params: Any, use_tqdm: bool = True) -> list[FakeRequestOutput]:
@@ -474,7 +474,7 @@ def test_ppo_module_trains_with_the_vllm_engine(fake_vllm: type[FakeLLM], tmp_pa
     engine = VLLMEngine(model=str(tmp_path / "start"), dtype="float32", enable_sleep_mode=True,
                         eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
     module = tiny_module(engine=engine, source=source, lr=1e-2)
-    trainer(max_steps=2).fit(module)
+    fit(trainer(max_steps=2), module)
     llm = fake_vllm.instances[0]
     assert llm.calls.count("generate") == 2
     # one push at configure_model and one after each of the 2 updates, each woken in the documented order
@@ -482,9 +482,9 @@ def test_ppo_module_trains_with_the_vllm_engine(fake_vllm: type[FakeLLM], tmp_pa
     assert llm.calls[-4:] == ["sleep(1)", "wake_up(['weights'])", "wake_up(['kv_cache'])", "reset_prefix_cache"]
     pushed = llm.model.hf.state_dict()
     initial = source.causal_lm().state_dict()
-    for name, value in module.actor.state_dict().items():
+    for name, value in module.model.actor.state_dict().items():
         assert torch.equal(pushed[name], value), name
-    assert any(not torch.equal(initial[n], v) for n, v in module.actor.state_dict().items())
+    assert any(not torch.equal(initial[n], v) for n, v in module.model.actor.state_dict().items())
 
 
 # --------------------------------------------------------------------------- #

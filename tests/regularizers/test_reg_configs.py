@@ -32,7 +32,7 @@ def test_the_group_has_every_regularizer_and_none():
 
 @pytest.mark.parametrize("option", OPTIONS)
 def test_each_option_composes_and_instantiates(option):
-    cfg = _compose([f"+regularizer={option}"])
+    cfg = _compose([f"+regularizers={option}"])
     raw = yaml.safe_load((GROUP / f"{option}.yaml").read_text()) or {}
     built = instantiate(cfg.regularizers)
     assert set(built) == set(raw)
@@ -46,20 +46,20 @@ def test_each_option_composes_and_instantiates(option):
 
 
 def test_several_options_at_once():
-    cfg = _compose(["+regularizer=[tre_p,kl_cov,forking]"])
+    cfg = _compose(["+regularizers=[tre_p,kl_cov,forking]"])
     built = instantiate(cfg.regularizers)
     assert [type(r) for r in built.values()] == [TREP, KLCov, ForkingTokens]
 
 
 def test_none_is_empty():
-    assert dict(instantiate(_compose(["+regularizer=none"]).regularizers)) == {}
+    assert dict(instantiate(_compose(["+regularizers=none"]).regularizers)) == {}
 
 
 def test_overrides_reach_the_constructor_and_are_validated():
-    cfg = _compose(["+regularizer=tre_p", "regularizers.tre_p.top_p=0.9", "regularizers.tre_p.max_region=256"])
+    cfg = _compose(["+regularizers=tre_p", "regularizers.tre_p.top_p=0.9", "regularizers.tre_p.max_region=256"])
     reg = instantiate(cfg.regularizers)["tre_p"]
     assert (reg.top_p, reg.max_region) == (0.9, 256)
-    bad = _compose(["+regularizer=tre_p", "regularizers.tre_p.top_p=1.5"])
+    bad = _compose(["+regularizers=tre_p", "regularizers.tre_p.top_p=1.5"])
     with pytest.raises(Exception, match="top_p"):
         instantiate(bad.regularizers)
 

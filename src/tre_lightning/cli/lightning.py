@@ -1,12 +1,13 @@
 """``tre-lightning``: the Lightning CLI entry point.
 
-Builds the same classes as ``tre-train`` (Hydra) from ``class_path`` /
-``init_args`` YAML::
+Parses ``class_path`` / ``init_args`` YAML and flags with Lightning's CLI
+(jsonargparse), then builds the run with the same
+:func:`tre_lightning.cli.build.build_run` as ``tre-train``::
 
     tre-lightning fit --config conf/lightning/example.yaml
     tre-lightning fit --config example.yaml --model.seed 1 --trainer.max_steps 20
     tre-lightning fit --print_config      # the full config with defaults
-    tre-lightning fit --help              # every argument; lists the regularizers
+    tre-lightning fit --help              # every argument
 
 Where the shipped example config is: ``python -c "from tre_lightning.cli.lightning import
 EXAMPLE_CONFIG; print(EXAMPLE_CONFIG)"``.
@@ -18,14 +19,17 @@ KLCov, ClipCov.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
-from tre_lightning.training.module import PPOModule
 from tre_lightning.cli.train import quiet_warnings
+from tre_lightning.training import PPOModule
 
 __all__ = ["EXAMPLE_CONFIG", "TRECLI", "main", "run"]
+
 
 def _conf_dir() -> Path:
     import tre_lightning.conf
@@ -44,81 +48,109 @@ _DESCRIPTION = (
 )
 
 
-class TRECLI(LightningCLI):
-    """LightningCLI for :class:`~tre_lightning.training.module.PPOModule` (module-owned dataloaders).
+_PARSER_KEY = re.compile(r'Parser key "([^"]+)":')
+_NOT_ACCEPTED = re.compile(r"Option '(\w+)' is not accepted")
+_REQUIRED = re.compile(r"the following arguments are required: ([\w.]+)")
+_NOISE = ("Problem with given class_path", "Does not validate", "Subtypes:", "Errors:", "Given value")
 
-    Reliability additions (docs/reliability.md): a parse error or an invalid
-    config raises one :class:`~tre_lightning.cli.validation.ConfigError` naming
-    the key and the allowed values, before any class is instantiated (so
-    before any model or tokenizer is loaded); the task's data is loaded before
-    the models are built; checkpoints are written atomically
-    (:class:`~tre_lightning.training.checkpoint_io.AtomicCheckpointIO`, unless
-    ``trainer.plugins`` brings a ``CheckpointIO``).
+
+def parse_error(message: str) -> Any:
+    """jsonargparse's own refusal (a wrong type, an unknown option) as one keyed :class:`ConfigError`.
+
+    Its message is an indented tree of ``Parser key "<key>":`` lines (keys
+    relative below the first) leading to the innermost reason: the config
+    key is their join, the reason the first line below the innermost key.
+    """
+    from tre_lightning.checks import ConfigError
+
+    subcommands = ("fit", "validate", "test", "predict")
+    parts: list[str] = []
+    reason: str | None = None
+    for line in (raw.strip(" -") for raw in message.splitlines()):
+        if not line:
+            continue
+        if (key := _PARSER_KEY.match(line)) is not None:
+            parts.append(key.group(1))
+            reason = None
+        elif (named := _NOT_ACCEPTED.match(line) or _REQUIRED.search(line)) is not None:
+            parts.append(named.group(1))
+            reason = "unknown argument" if named.re is _NOT_ACCEPTED else "required, not set"
+            break
+        elif reason is None and not line.startswith(_NOISE):
+            reason = re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", line)
+            reason = re.sub(r"^Expected a (.+?)\. Got value: (.*)$", lambda m: f"expected {m[1]}, got {m[2]!r}",
+                            reason)
+    key = ".".join(p for p in parts if p not in subcommands)
+    return ConfigError(key, reason or message.strip().splitlines()[0])
+
+
+def _items(value: Any, key: str) -> list[tuple[str, Any]]:
+    """A callbacks / logger value (one node, a list of nodes, or None) as (key, node) pairs."""
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    return [(f"{key}[{i}]", v) for i, v in enumerate(values)]
+
+
+class TRECLI(LightningCLI):
+    """LightningCLI for :class:`~tre_lightning.training.PPOModule`.
+
+    jsonargparse parses and type-checks the command line; the objects are
+    built by :func:`~tre_lightning.cli.build.build_run`, the same code as
+    ``tre-train``: each once, the data checked before the trainer is built,
+    no model weights loaded before ``fit``, argument errors keyed by their
+    config key, checkpoints written atomically.
     """
 
     def init_parser(self, **kwargs):  # noqa: ANN003, ANN201 - LightningCLI signature
         kwargs.setdefault("description", _DESCRIPTION)
-        kwargs.setdefault("exit_on_error", False)  # parse errors become ConfigError (see parse_arguments)
+        kwargs.setdefault("exit_on_error", False)  # parse errors: one line (see parse_arguments)
         return super().init_parser(**kwargs)
 
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - LightningCLI signature
         from argparse import ArgumentError
 
-        from tre_lightning.cli.validation import explain_cli_error
-
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            raise explain_cli_error(str(err)) from None
-
-    def before_instantiate_classes(self) -> None:
-        from tre_lightning.cli.validation import validate_cli_config
-
-        validate_cli_config(self.config[self.subcommand] if self.subcommand else self.config)
+            raise parse_error(str(err)) from None
 
     def instantiate_classes(self) -> None:
-        from lightning.fabric.utilities.exceptions import MisconfigurationException
+        from tre_lightning.cli.build import ObjectBuilder, build_run
+        from tre_lightning.training.checkpoint_io import check_resume_path
 
-        from tre_lightning.tasks.data_io import DataError
-        from tre_lightning.cli.validation import ConfigError, explain_instantiation_error
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        tree = config.as_dict()
+        check_resume_path(tree.get("ckpt_path"), "ckpt_path")
+        trainer = dict(tree.get("trainer") or {})
+        callbacks = _items(trainer.pop("callbacks", None), "trainer.callbacks")
+        logger = trainer.pop("logger", None)  # None / true: Lightning's default logger; false: none
+        loggers = None if logger is None or logger is True else [] if logger is False else _items(
+            logger, "trainer.logger")
+        extra = []
+        if self.save_config_callback and not trainer.get("fast_dev_run", False):
+            extra.append(self.save_config_callback(self._parser(self.subcommand), config, **self.save_config_kwargs))
+        built = build_run(ObjectBuilder(), tree.get("model") or {}, "model", trainer, callbacks,
+                          loggers, extra_callbacks=extra)
+        self.config_init = self.config
+        self.model, self.trainer, self._run = built.module, built.trainer, built
+        self.datamodule = None
 
-        try:
-            super().instantiate_classes()
-        except (ConfigError, DataError):
-            raise
-        except (ValueError, MisconfigurationException) as err:  # a callback's or the trainer's argument checks
-            raise explain_instantiation_error(err) from None
+    def _with_data(self) -> None:
+        self.datamodule = self._run.datamodule  # reads the tokenizer: only when a subcommand runs
 
-    def instantiate_trainer(self, **kwargs):  # noqa: ANN003, ANN201 - LightningCLI signature
-        from tre_lightning.training.checkpoint_io import with_atomic_checkpoint_io
-
-        plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
-        kwargs["plugins"] = with_atomic_checkpoint_io(plugins)
-        return super().instantiate_trainer(**kwargs)
-
-    def _check_data(self) -> None:
-        from tre_lightning.cli.validation import check_task_data
-
-        check_task_data(self.model.task, key="model.task", batch_size=self.model.ppo_cfg.batch_size)
-
-    def before_fit(self) -> None:
-        self._check_data()
-
-    def before_validate(self) -> None:
-        self._check_data()
+    before_fit = before_validate = before_test = before_predict = _with_data
 
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point ``tre-lightning``."""
-    from tre_lightning.cli.errors import exit_on_missing_extra
-    from tre_lightning.cli.validation import exit_on_config_error
+    from tre_lightning.cli.errors import exit_on_error
 
-    # a bad config or bad data: a one-line message, exit status 2, no traceback
-    with exit_on_config_error("tre-lightning"), exit_on_missing_extra("tre-lightning"):
+    with exit_on_error("tre-lightning"):
         run(args)
 
 
-def run(args: list[str] | None = None, **kwargs) -> TRECLI:  # noqa: ANN003 - forwarded to LightningCLI
+def run(args: list[str] | None = None, **kwargs: Any) -> TRECLI:
     """Build (and by default run) the CLI; ``args`` as on the command line."""
     quiet_warnings()
     return TRECLI(

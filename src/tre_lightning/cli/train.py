@@ -1,29 +1,33 @@
 """``tre-train``: the Hydra entry point.
 
-Composes ``conf/train.yaml`` from its groups (model, task, regularizer,
-rollout, ppo, optim, eval, trainer, strategy, logger, callbacks, experiment),
-builds :class:`~tre_lightning.training.module.PPOModule` and a ``lightning.Trainer``
-from it and fits. ``tre-train --help`` lists the groups and options;
-``tre-train --cfg job`` prints the composed config.
+Composes ``conf/train.yaml`` from its groups and builds the run with
+:func:`tre_lightning.cli.build.build_run`. The top-level keys map 1:1 onto
+the constructor arguments of :class:`~tre_lightning.training.PPOModule`
+(``model``, ``task``, ``regularizers``, ``rollout``, ``ppo``, ``optim``,
+``evaluation``, ``engine``, ``seed``) and of ``lightning.Trainer``
+(``trainer``, ``callbacks``, ``logger``); the rest says what to do with the
+run (``ckpt_path``, ``export_hf``, ``validate_first``, ``output_dir``).
+``tre-train --help`` lists the groups; ``tre-train --cfg job`` prints the
+composed config.
 
 Each run writes to its own folder (``outputs/<date>/<time>/``; a ``-m``
-sweep: ``multirun/<date>/<time>/<job>_<overrides>/``): the composed config
-(``.hydra/``), CSV metrics, samples, checkpoints and the exported HF model.
-
-Sweeps run their jobs one after another in this process, on one device each.
-Lightning starts extra processes for multi-device runs by re-running
-``sys.argv``, which under ``-m`` would re-run the sweep; launch multi-device
-runs with ``torchrun`` (one run per launch) instead, see docs/training.md.
+sweep: ``multirun/<date>/<time>/<job>_<overrides>/``). Sweeps run their jobs
+one after another in this process; launch multi-device runs with
+``torchrun`` (one run per launch), see docs/training.md.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any
 
 from omegaconf import DictConfig
 
-__all__ = ["build_module", "build_trainer", "main", "run"]
+__all__ = ["RUN_KEYS", "build", "main", "quiet_warnings", "run"]
+
+RUN_KEYS = ("trainer", "callbacks", "logger", "output_dir", "ckpt_path", "export_hf", "validate_first", "hydra")
+"""Top-level keys that are not PPOModule arguments."""
 
 # Lightning's generic advice that does not apply to these loaders (one process, whole batches)
 _QUIET = [
@@ -39,74 +43,53 @@ def quiet_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def _instantiate(node: Any) -> Any:
-    from hydra.utils import instantiate
+def build(cfg: DictConfig) -> Any:
+    """The run (module, data, trainer) of a composed config; every object built once."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    return None if node is None else instantiate(node, _convert_="all")
+    from tre_lightning.checks import ConfigError
+    from tre_lightning.cli.build import ObjectBuilder, build_run
+    from tre_lightning.training import PPOModule
 
-
-def build_module(cfg: DictConfig) -> Any:
-    """PPOModule from the composed config (one group per constructor argument)."""
-    from tre_lightning.training.module import PPOModule
-
-    regularizers = _instantiate(cfg.get("regularizers")) or {}
-    return PPOModule(
-        policy=_instantiate(cfg.model.policy),
-        task=_instantiate(cfg.task),
-        regularizers=list(regularizers.values()),
-        critic=_instantiate(cfg.model.get("critic")),
-        share_backbone=bool(cfg.model.get("share_backbone", False)),
-        reference=_instantiate(cfg.model.get("reference")),
-        rollout=_instantiate(cfg.rollout),
-        ppo=_instantiate(cfg.ppo),
-        optim=_instantiate(cfg.optim),
-        evaluation=_instantiate(cfg.eval),
-        engine=_instantiate(cfg.get("engine")),
-        seed=int(cfg.seed),
-        gradient_checkpointing=bool(cfg.model.get("gradient_checkpointing", False)),
-        fsdp=_instantiate(cfg.get("fsdp")),  # set by strategy=fsdp (FSDPConfig); used under ModelParallelStrategy
-    )
-
-
-def build_trainer(cfg: DictConfig) -> Any:
-    """lightning.Trainer from ``cfg.trainer`` with the callbacks and loggers by name.
-
-    Checkpoints are written atomically (:class:`~tre_lightning.training.checkpoint_io.AtomicCheckpointIO`)
-    unless ``trainer.plugins`` brings its own ``CheckpointIO``.
-    """
-    from hydra.utils import instantiate
-
-    from tre_lightning.training.checkpoint_io import with_atomic_checkpoint_io
-
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    plugins = with_atomic_checkpoint_io(instantiate(cfg.trainer.get("plugins"), _convert_="all"))
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers if loggers else False, plugins=plugins)
+    params = [p for p in inspect.signature(PPOModule).parameters]
+    for key in sorted(OmegaConf.missing_keys(cfg)):
+        hint = " (a local HF model folder, e.g. model.policy.path=~/models/Qwen2.5-1.5B-Instruct)" \
+            if key.endswith(".path") else ""
+        raise ConfigError(key, f"required, not set (???){hint}")
+    unknown = [k for k in cfg if k not in params and k not in RUN_KEYS]
+    if unknown:
+        raise ConfigError(str(unknown[0]), "unknown top-level key (a regularizer belongs under `regularizers`: "
+                                           "conf/regularizers/<name>.yaml); allowed: " + ", ".join(params))
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(getattr(err, "full_key", "") or ""), str(err).splitlines()[0]) from None
+    builder = ObjectBuilder()
+    module_node = {p: resolved[p] for p in params if p in resolved}
+    return build_run(builder, module_node, "", resolved["trainer"],
+                     [(f"callbacks.{k}", v) for k, v in (resolved.get("callbacks") or {}).items()],
+                     [(f"logger.{k}", v) for k, v in (resolved.get("logger") or {}).items()])
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Fit (optionally validate first), export the actor, return the final logged metrics.
-
-    The whole config is validated first (:func:`tre_lightning.cli.validation.validate_config`:
-    a :class:`~tre_lightning.cli.validation.ConfigError` before anything is built), and the
-    task's data is loaded before the trainer builds the models.
-    """
+    """Build, (optionally) validate first, fit, export the actor; returns the final logged metrics."""
     import lightning as L
 
-    from tre_lightning.cli.validation import check_task_data, guard, validate_config
+    from tre_lightning.training.checkpoint_io import check_resume_path
 
     quiet_warnings()
-    validate_config(cfg)
+    ckpt_path = cfg.get("ckpt_path")
+    check_resume_path(ckpt_path, "ckpt_path")
     L.seed_everything(int(cfg.seed), workers=True)
+    built = build(cfg)
+    trainer, module, data = built.trainer, built.module, built.datamodule
     output_dir = str(cfg.output_dir)
-    module = build_module(cfg)
-    check_task_data(module.task, batch_size=module.ppo_cfg.batch_size)
-    trainer = guard("trainer", lambda: build_trainer(cfg))  # trainer, callbacks, loggers: still no model built
     if trainer.is_global_zero:
         print(f"[tre-train] run folder: {output_dir}", flush=True)
-    if cfg.get("validate_first", False) and cfg.get("ckpt_path") is None:
-        trainer.validate(module)
-    trainer.fit(module, ckpt_path=cfg.get("ckpt_path"))
+    if cfg.get("validate_first", False) and ckpt_path is None:
+        trainer.validate(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     export = cfg.get("export_hf")
     if export:
         module.export_hf(str(export))
@@ -123,14 +106,10 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path="pkg://tre_lightning.conf", config_name="train")
     def _main(cfg: DictConfig) -> None:
-        from tre_lightning.cli.errors import exit_on_missing_extra
-        from tre_lightning.cli.validation import exit_on_config_error, resolve
+        from tre_lightning.cli.errors import exit_on_error
 
-        # a bad config or bad data: a one-line message, exit status 2, no traceback
-        with exit_on_config_error("tre-train"):
-            resolve(cfg)
-            with exit_on_missing_extra("tre-train"):  # vLLM / bitsandbytes chosen but missing: message, no traceback
-                run(cfg)
+        with exit_on_error("tre-train"):
+            run(cfg)
 
     _main()
 

@@ -16,12 +16,14 @@ def train(cfg: Any) -> dict[str, float]:
     ``cfg`` is the ``train_rm`` config (an OmegaConf ``DictConfig``).
     """
     import lightning.pytorch as pl
-    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from tre_lightning.cli.build import ObjectBuilder
 
     pl.seed_everything(int(cfg.seed), workers=True)
-    module = instantiate(cfg.module)
-    datamodule = instantiate(cfg.data)
-    trainer = instantiate(cfg.trainer)
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    builder = ObjectBuilder()
+    module, datamodule, trainer = (builder.build(tree[key], key) for key in ("module", "data", "trainer"))
     trainer.fit(module, datamodule=datamodule)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
@@ -33,7 +35,10 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path="pkg://tre_lightning.conf", config_name="train_rm")
     def _run(cfg: DictConfig) -> None:
-        metrics = train(cfg)
+        from tre_lightning.cli.errors import exit_on_error
+
+        with exit_on_error("tre-train-rm"):
+            metrics = train(cfg)
         for key in sorted(metrics):
             print(f"{key}: {metrics[key]:.4f}")
 

@@ -36,7 +36,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "atomic_save", "with_atomic_checkpoint_io"]
+__all__ = ["AtomicCheckpointIO", "atomic_save", "check_resume_path", "with_atomic_checkpoint_io"]
 
 _TMP_SUFFIX = ".tmp"
 
@@ -122,3 +122,17 @@ def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
     if not any(isinstance(p, CheckpointIO) for p in items):
         items.append(AtomicCheckpointIO())
     return items
+
+
+def check_resume_path(path: Any, key: str) -> None:
+    """Refuse a resume path that cannot be a checkpoint (before anything is built).
+
+    Lightning's special values (``last``, ``best``, ``hpc``, ``registry``) and
+    remote URLs pass; a local path must exist.
+    """
+    from tre_lightning.checks import ConfigError
+
+    if path is None or str(path) in ("last", "best", "hpc", "registry") or "://" in str(path):
+        return
+    if not Path(str(path)).expanduser().exists():
+        raise ConfigError(key, f"checkpoint {str(path)!r} does not exist (a .ckpt file to resume from, or null)")

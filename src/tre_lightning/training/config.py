@@ -1,4 +1,4 @@
-"""Plain, validated configuration records for the training core.
+"""Plain, validated configuration records of the PPO run (rollout, update, optimizers).
 
 Every field is a plain value (int, float, str, bool, None or a list of ints),
 so the same classes are built from Hydra YAML (``_target_``), from the
@@ -14,75 +14,19 @@ brings its ``RolloutConfig.n`` responses, as in verl and the paper's Table 2);
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tre_lightning.rollout.base import SamplingParams
+from tre_lightning.checks import ArgumentError, boolean, integer, one_of, optional, real
+from tre_lightning.rollout.base import SamplingParams, sampling_of
 
-__all__ = ["EvalConfig", "OptimConfig", "PPOConfig", "RolloutConfig"]
+__all__ = ["OptimConfig", "PPOConfig", "RolloutConfig"]
 
 PromptOverflow = Literal["truncate_left", "error"]
 LossAggregationName = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 KLEstimatorName = Literal["k1", "abs", "k2", "k3"]
 ScheduleName = Literal["constant", "linear", "cosine"]
-
-
-def _fail(cls: str, name: str, allowed: str, value: object) -> ValueError:
-    return ValueError(f"{cls}.{name} must be {allowed}, got {value!r}")
-
-
-def _int_at_least(cls: str, name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise _fail(cls, name, f"an int >= {low}", value)
-
-
-def _number(cls: str, name: str, value: object, low: float, high: float, *, low_open: bool = False,
-            high_open: bool = False) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        raise _fail(cls, name, f"a finite number in {left}{low}, {high}{right}", value)
-
-
-def _sampling_params(cfg: Any) -> SamplingParams:
-    """SamplingParams from a config's n / temperature / top_p / top_k / max_new_tokens."""
-    return SamplingParams(
-        n=cfg.n,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=cfg.top_k,
-        max_new_tokens=cfg.max_new_tokens,
-    )
-
-
-def _sampling(cls: str, cfg: Any) -> None:
-    """The sampling fields shared by rollout and evaluation configs."""
-    _int_at_least(cls, "n", cfg.n, 1)
-    _number(cls, "temperature", cfg.temperature, 0.0, math.inf, low_open=True, high_open=True)
-    _number(cls, "top_p", cfg.top_p, 0.0, 1.0, low_open=True)
-    _int_at_least(cls, "top_k", cfg.top_k, 0)
-    _int_at_least(cls, "max_new_tokens", cfg.max_new_tokens, 1)
-
-
-def _choice(cls: str, name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise _fail(cls, name, f"one of {list(allowed)}", value)
-
-
-def _bool(cls: str, name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise _fail(cls, name, "true or false", value)
-
-
-def _list(cls: str, name: str, value: object) -> list:
-    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-        raise _fail(cls, name, "a list", value)
-    return list(value)
 
 
 @dataclass
@@ -119,16 +63,14 @@ class RolloutConfig:
     score_timeout: float | None = 600.0
 
     def __post_init__(self) -> None:
-        c = "RolloutConfig"
-        _sampling(c, self)
-        _int_at_least(c, "max_prompt_length", self.max_prompt_length, 1)
-        _choice(c, "prompt_overflow", self.prompt_overflow, ("truncate_left", "error"))
-        if self.score_timeout is not None:
-            _number(c, "score_timeout", self.score_timeout, 0.0, math.inf, low_open=True, high_open=True)
+        sampling_of(self)
+        integer("max_prompt_length", self.max_prompt_length, 1)
+        one_of("prompt_overflow", self.prompt_overflow, ("truncate_left", "error"))
+        optional(real, "score_timeout", self.score_timeout, 0.0, low_open=True)
 
     def sampling(self) -> SamplingParams:
         """The engine's sampling parameters for training rollouts."""
-        return _sampling_params(self)
+        return sampling_of(self)
 
 
 @dataclass
@@ -187,42 +129,39 @@ class PPOConfig:
     max_consecutive_nonfinite: int = 5
 
     def __post_init__(self) -> None:
-        c = "PPOConfig"
-        _int_at_least(c, "batch_size", self.batch_size, 1)
-        _int_at_least(c, "mini_batch_size", self.mini_batch_size, 1)
-        _int_at_least(c, "micro_batch_size", self.micro_batch_size, 1)
+        integer("batch_size", self.batch_size, 1)
+        integer("mini_batch_size", self.mini_batch_size, 1)
+        integer("micro_batch_size", self.micro_batch_size, 1)
         if self.batch_size % self.mini_batch_size:
-            raise ValueError(
-                f"PPOConfig.mini_batch_size must divide batch_size ({self.batch_size}), got {self.mini_batch_size}"
-            )
-        _int_at_least(c, "ppo_epochs", self.ppo_epochs, 1)
-        _bool(c, "shuffle", self.shuffle)
-        _bool(c, "whiten_advantages", self.whiten_advantages)
-        _number(c, "clip_ratio_low", self.clip_ratio_low, 0.0, 1.0, high_open=True)
-        _number(c, "clip_ratio_high", self.clip_ratio_high, 0.0, math.inf, high_open=True)
-        if self.dual_clip is not None:
-            _number(c, "dual_clip", self.dual_clip, 1.0, math.inf, low_open=True, high_open=True)
-        _number(c, "gamma", self.gamma, 0.0, 1.0)
-        _number(c, "lam", self.lam, 0.0, 1.0)
-        _choice(c, "loss_aggregation", self.loss_aggregation,
-                ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
-        _number(c, "kl_coef", self.kl_coef, 0.0, math.inf, high_open=True)
-        _choice(c, "kl_estimator", self.kl_estimator, ("k1", "abs", "k2", "k3"))
-        if self.value_clip_range is not None:
-            _number(c, "value_clip_range", self.value_clip_range, 0.0, math.inf, low_open=True, high_open=True)
-        _number(c, "value_loss_scale", self.value_loss_scale, 0.0, math.inf, low_open=True, high_open=True)
-        _number(c, "vf_coef", self.vf_coef, 0.0, math.inf, low_open=True, high_open=True)
-        if self.max_grad_norm is not None:
-            _number(c, "max_grad_norm", self.max_grad_norm, 0.0, math.inf, low_open=True, high_open=True)
-        _int_at_least(c, "max_consecutive_nonfinite", self.max_consecutive_nonfinite, 1)
+            raise ArgumentError("mini_batch_size", f"a divisor of batch_size ({self.batch_size})",
+                                self.mini_batch_size)
+        integer("ppo_epochs", self.ppo_epochs, 1)
+        boolean("shuffle", self.shuffle)
+        boolean("whiten_advantages", self.whiten_advantages)
+        real("clip_ratio_low", self.clip_ratio_low, 0.0, 1.0, high_open=True)
+        real("clip_ratio_high", self.clip_ratio_high, 0.0)
+        optional(real, "dual_clip", self.dual_clip, 1.0, low_open=True)
+        real("gamma", self.gamma, 0.0, 1.0)
+        real("lam", self.lam, 0.0, 1.0)
+        one_of("loss_aggregation", self.loss_aggregation,
+               ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
+        real("kl_coef", self.kl_coef, 0.0)
+        one_of("kl_estimator", self.kl_estimator, ("k1", "abs", "k2", "k3"))
+        optional(real, "value_clip_range", self.value_clip_range, 0.0, low_open=True)
+        real("value_loss_scale", self.value_loss_scale, 0.0, low_open=True)
+        real("vf_coef", self.vf_coef, 0.0, low_open=True)
+        optional(real, "max_grad_norm", self.max_grad_norm, 0.0, low_open=True)
+        integer("max_consecutive_nonfinite", self.max_consecutive_nonfinite, 1)
 
     def check_micro_batch(self, n: int) -> None:
-        """Raise unless ``micro_batch_size`` divides a mini-batch of ``mini_batch_size × n`` sequences."""
+        """Raise unless ``micro_batch_size`` divides a mini-batch of ``mini_batch_size × n`` sequences
+        (the one check that needs the rollout's ``n``; the module calls it)."""
         sequences = self.mini_batch_size * n
         if self.micro_batch_size > sequences or sequences % self.micro_batch_size:
-            raise ValueError(
-                f"PPOConfig.micro_batch_size must divide mini_batch_size × n = {self.mini_batch_size} × {n} = "
-                f"{sequences} sequences (and so be <= it), got {self.micro_batch_size}"
+            raise ArgumentError(
+                "ppo.micro_batch_size",
+                f"a divisor of ppo.mini_batch_size × rollout.n = {self.mini_batch_size} × {n} = {sequences}",
+                self.micro_batch_size,
             )
 
 
@@ -265,26 +204,20 @@ class OptimConfig:
     eight_bit: bool = False
 
     def __post_init__(self) -> None:
-        c = "OptimConfig"
-        _number(c, "actor_lr", self.actor_lr, 0.0, math.inf, low_open=True, high_open=True)
-        _number(c, "critic_lr", self.critic_lr, 0.0, math.inf, low_open=True, high_open=True)
-        _number(c, "weight_decay", self.weight_decay, 0.0, math.inf, high_open=True)
-        self.betas = _list(c, "betas", self.betas)
-        if len(self.betas) != 2:
-            raise _fail(c, "betas", "a pair [beta1, beta2]", self.betas)
-        for i, b in enumerate(self.betas):
-            _number(c, f"betas[{i}]", b, 0.0, 1.0, high_open=True)
-        _number(c, "eps", self.eps, 0.0, math.inf, low_open=True, high_open=True)
-        _number(c, "warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
-        if self.critic_warmup_ratio is not None:
-            _number(c, "critic_warmup_ratio", self.critic_warmup_ratio, 0.0, 1.0, high_open=True)
-        if self.warmup_steps is not None:
-            _int_at_least(c, "warmup_steps", self.warmup_steps, 0)
-        _choice(c, "schedule", self.schedule, ("constant", "linear", "cosine"))
-        _number(c, "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        if self.total_steps is not None:
-            _int_at_least(c, "total_steps", self.total_steps, 1)
-        _bool(c, "eight_bit", self.eight_bit)
+        real("actor_lr", self.actor_lr, 0.0, low_open=True)
+        real("critic_lr", self.critic_lr, 0.0, low_open=True)
+        real("weight_decay", self.weight_decay, 0.0)
+        if isinstance(self.betas, str | bytes) or not isinstance(self.betas, Sequence) or len(self.betas) != 2:
+            raise ArgumentError("betas", "a pair [beta1, beta2]", self.betas)
+        self.betas = [real(f"betas[{i}]", b, 0.0, 1.0, high_open=True) for i, b in enumerate(self.betas)]
+        real("eps", self.eps, 0.0, low_open=True)
+        real("warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
+        optional(real, "critic_warmup_ratio", self.critic_warmup_ratio, 0.0, 1.0, high_open=True)
+        optional(integer, "warmup_steps", self.warmup_steps, 0)
+        one_of("schedule", self.schedule, ("constant", "linear", "cosine"))
+        real("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        optional(integer, "total_steps", self.total_steps, 1)
+        boolean("eight_bit", self.eight_bit)
 
     def warmup_for(self, total_steps: int, critic: bool) -> int:
         """Warm-up length in PPO iterations for the actor or the critic."""
@@ -292,52 +225,3 @@ class OptimConfig:
             return self.warmup_steps
         ratio = self.critic_warmup_ratio if critic and self.critic_warmup_ratio is not None else self.warmup_ratio
         return int(ratio * total_steps)
-
-
-@dataclass
-class EvalConfig:
-    """The paper's evaluation protocol (section 6): n = 8, temperature 1.0, top-p 0.7.
-
-    Attributes:
-        n: samples per test prompt, >= 1.
-        temperature: > 0.
-        top_p: in (0, 1].
-        top_k: 0 = off.
-        max_new_tokens: >= 1.
-        batch_size: test prompts per validation step, >= 1.
-        pass_k: the k of the reported pass@k for binary tasks, each in [1, n]
-            (Pass@1 is the paper's metric).
-        seed: validation reseeds the RNG with this value (and restores the
-            training RNG afterwards), so evaluation is reproducible and does
-            not perturb training.
-        max_examples: evaluate on the first ``max_examples`` test prompts, or
-            None for all.
-    """
-
-    n: int = 8
-    temperature: float = 1.0
-    top_p: float = 0.7
-    top_k: int = 0
-    max_new_tokens: int = 512
-    batch_size: int = 8
-    pass_k: list[int] = field(default_factory=lambda: [1])
-    seed: int = 1234
-    max_examples: int | None = None
-
-    def __post_init__(self) -> None:
-        c = "EvalConfig"
-        _sampling(c, self)
-        _int_at_least(c, "batch_size", self.batch_size, 1)
-        self.pass_k = _list(c, "pass_k", self.pass_k)
-        if not self.pass_k:
-            raise _fail(c, "pass_k", "a non-empty list of ints in [1, n]", self.pass_k)
-        for k in self.pass_k:
-            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n:
-                raise _fail(c, "pass_k", f"a list of ints in [1, n={self.n}]", self.pass_k)
-        _int_at_least(c, "seed", self.seed, 0)
-        if self.max_examples is not None:
-            _int_at_least(c, "max_examples", self.max_examples, 1)
-
-    def sampling(self) -> SamplingParams:
-        """The engine's sampling parameters for evaluation."""
-        return _sampling_params(self)

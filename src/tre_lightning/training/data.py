@@ -1,4 +1,9 @@
-"""Prompt batches: task examples rendered with the tokenizer's chat template, left-padded.
+"""Prompts for PPO: task examples rendered with the tokenizer's chat template, left-padded.
+
+:class:`PromptDataModule` (a ``LightningDataModule``) owns the training and
+validation prompts and their loaders, and the training data position
+(checkpointed with its state, so a resumed run continues with the next
+unseen batch).
 
 :class:`PromptBatches` is an iterable dataset that yields whole batches (use it
 with ``DataLoader(batch_size=None)``). Its order is a seeded permutation per
@@ -17,32 +22,44 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
 from tre_lightning.tasks.base import Example, Task
+from tre_lightning.training.resume import DataPosition
 
-__all__ = ["DataPosition", "PromptBatches", "prompt_loader", "render_prompts"]
+__all__ = ["PromptBatches", "PromptDataModule", "check_task_data", "prompt_loader", "render_prompts"]
 
 
-@dataclass
-class DataPosition:
-    """Where the next training batch starts: epoch and batch index within it."""
+def check_task_data(task: Task, batch_size: int) -> None:
+    """Load both splits now and refuse a run that cannot start (before any model is built).
 
-    epoch: int = 0
-    batch: int = 0
+    The task's own :class:`~tre_lightning.tasks.data_io.DataError` (file,
+    row, column) passes through; an empty split or fewer training examples
+    than one batch is a :class:`~tre_lightning.checks.ConfigError` under ``task``.
+    """
+    from tre_lightning.checks import ConfigError
+    from tre_lightning.tasks.data_io import DataError
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, int]) -> DataPosition:
-        return cls(epoch=int(state["epoch"]), batch=int(state["batch"]))
+    for split in ("train", "val"):
+        try:
+            rows = getattr(task, f"{split}_examples")()
+        except (DataError, ConfigError):
+            raise
+        except FileNotFoundError as err:
+            raise ConfigError(f"task.{split}_path", str(err)) from None
+        except ValueError as err:
+            raise ConfigError("task", f"{split} split: {err}") from None
+        if rows is None or len(rows) == 0:
+            raise ConfigError("task", f"the {split} split is empty (at least 1 example needed)")
+        if split == "train" and len(rows) < batch_size:
+            raise ConfigError("task", f"the train split has {len(rows)} examples, fewer than one batch "
+                                      f"(ppo.batch_size={batch_size}); allowed: batch_size <= {len(rows)}")
 
 
 def render_prompts(
@@ -118,8 +135,8 @@ class PromptBatches(IterableDataset):
     generation) and padded rows are not counted.
 
     Yields dicts with ``input_ids`` (B, P), ``attention_mask`` (B, P),
-    ``index`` (B,) dataset indices, ``valid`` (B,) 1/0, ``truncated`` (int),
-    ``epoch`` and ``batch`` (ints).
+    ``index`` (B,) dataset indices, ``examples`` (the B rows), ``valid``
+    (B,) 1/0, ``truncated`` (int), ``epoch`` and ``batch`` (ints).
     """
 
     def __init__(
@@ -192,6 +209,7 @@ class PromptBatches(IterableDataset):
                 "input_ids": input_ids,
                 "attention_mask": attention_mask,
                 "index": torch.tensor(idx, dtype=torch.long),
+                "examples": rows,
                 "valid": torch.tensor(valid, dtype=torch.long),
                 "truncated": truncated,
                 "epoch": epoch,
@@ -202,3 +220,109 @@ class PromptBatches(IterableDataset):
 def prompt_loader(dataset: PromptBatches) -> DataLoader:
     """A DataLoader that passes :class:`PromptBatches`' batches through unchanged."""
     return DataLoader(dataset, batch_size=None, num_workers=0)
+
+
+class PromptDataModule(LightningDataModule):
+    """Training and validation prompts of a task, and where training stands in them.
+
+    Training batches come in a seeded order per epoch (``seed + epoch``),
+    ``batch_size`` prompts per process; validation batches cover the first
+    ``val_max_examples`` test prompts (all when None) in order. The position of
+    the last training batch handed to the training step is checkpointed
+    (``state_dict``), so a resumed run continues with the next unseen batch.
+
+    Args:
+        task: gives the examples and renders them (``messages``).
+        tokenizer: with a chat template and a pad token.
+        batch_size: training prompts per step and process, >= 1.
+        max_prompt_length: longest prompt in tokens, >= 1.
+        prompt_overflow: ``truncate_left`` or ``error``.
+        seed: seeds the training order.
+        val_batch_size: validation prompts per step, >= 1.
+        val_max_examples: validate on the first this many test prompts, or None.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int,
+        max_prompt_length: int,
+        prompt_overflow: str = "truncate_left",
+        seed: int = 0,
+        val_batch_size: int = 8,
+        val_max_examples: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.task = task
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_prompt_length = max_prompt_length
+        self.prompt_overflow = prompt_overflow
+        self.seed = seed
+        self.val_batch_size = val_batch_size
+        self.val_max_examples = val_max_examples
+        self.position = DataPosition()
+
+    @classmethod
+    def for_module(cls, module: Any) -> PromptDataModule:
+        """The data a :class:`~tre_lightning.training.module.PPOModule` trains and validates on."""
+        return cls(
+            module.task,
+            module.tokenizer,
+            module.ppo.batch_size,
+            module.rollout.max_prompt_length,
+            module.rollout.prompt_overflow,
+            module.seed,
+            module.evaluation.batch_size,
+            module.evaluation.max_examples,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = PromptBatches(
+            self.task.train_examples(),
+            self.task,
+            self.tokenizer,
+            self.batch_size,
+            max_prompt_length=self.max_prompt_length,
+            prompt_overflow=self.prompt_overflow,
+            shuffle=True,
+            drop_last=True,
+            seed=self.seed,
+            position=DataPosition(self.position.epoch, self.position.batch),
+        )
+        if dataset.position.batch >= len(dataset):  # saved at the very end of an epoch
+            dataset.position = DataPosition(dataset.position.epoch + 1, 0)
+        return prompt_loader(dataset)
+
+    def val_dataloader(self) -> DataLoader:
+        examples = self.task.val_examples()
+        if self.val_max_examples is not None:
+            examples = examples[: self.val_max_examples]
+        dataset = PromptBatches(
+            examples,
+            self.task,
+            self.tokenizer,
+            self.val_batch_size,
+            max_prompt_length=self.max_prompt_length,
+            prompt_overflow=self.prompt_overflow,
+            shuffle=False,
+            drop_last=False,
+        )
+        return prompt_loader(dataset)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record the position after the training batch Lightning hands to the step (not a prefetched one)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training and isinstance(batch, dict) and "epoch" in batch:
+            self.position = DataPosition(epoch=int(batch["epoch"]), batch=int(batch["batch"]) + 1)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data_position": self.position.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # the position is restored here (the loader restarts from it), so Lightning's
+        # generic warning about non-resumable loaders does not apply
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        self.position = DataPosition.from_state_dict(state_dict["data_position"])

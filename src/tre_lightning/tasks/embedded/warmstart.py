@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tre_lightning.checks import ArgumentError
 from tre_lightning.models.tiny import tiny_qwen2_config
 from tre_lightning.tasks.embedded.puzzles import Puzzle, generate, noisy_solution
 from tre_lightning.tasks.embedded.task import EmbeddedTask
@@ -326,7 +327,8 @@ class WarmStartSource:
 
     Args:
         task: the embedded task whose family it learns and whose validation
-            puzzles it never sees (default: ``EmbeddedTask()``).
+            puzzles it never sees; None = the task the run trains on (the
+            module binds it, :meth:`bind_task`).
         cache_dir: where warm starts are cached (default
             ``$TRE_LIGHTNING_CACHE`` or ``~/.cache/tre_lightning``).
         vocab_size … seed: :class:`WarmStartConfig` fields.
@@ -368,7 +370,7 @@ class WarmStartSource:
             isinstance(torch_threads, bool) or not isinstance(torch_threads, int) or torch_threads < 1
         ):
             raise ValueError(f"WarmStartSource.torch_threads must be an int >= 1 or None, got {torch_threads!r}")
-        self.task = task if task is not None else EmbeddedTask()
+        self.task: EmbeddedTask | None = task
         self.cache_dir = cache_dir
         self.config = WarmStartConfig(
             vocab_size=vocab_size,
@@ -394,10 +396,31 @@ class WarmStartSource:
         self._folder: Path | None = None
         self.torch_threads = torch_threads
 
+    def bind_task(self, task: Any) -> None:
+        """Learn the family of the run's ``task`` (and never its validation puzzles).
+
+        Raises:
+            ArgumentError: the source was given another task (its warm start
+                could contain the run's validation puzzles) or a task that is
+                not an ``EmbeddedTask``.
+        """
+        if not isinstance(task, EmbeddedTask):
+            raise ArgumentError("task", "an EmbeddedTask (the warm start learns its family)", task)
+        if self.task is not None and self.task is not task and self.task.config() != task.config():
+            raise ArgumentError("task", f"the run's task {task!r} or null (a warm start trained on another task "
+                                        "may have seen the run's validation puzzles)", self.task)
+        self.task = task
+
+    def _task(self) -> EmbeddedTask:
+        if self.task is None:
+            raise RuntimeError("WarmStartSource has no task: pass task=EmbeddedTask(...) or build it into a "
+                               "PPOModule, which binds the module's task")
+        return self.task
+
     @property
     def key(self) -> str:
         """The cache key of this warm start."""
-        return cache_key(self.config, self.task)
+        return cache_key(self.config, self._task())
 
     def _apply_threads(self) -> None:
         if self.torch_threads is not None and torch.get_num_threads() != self.torch_threads:
@@ -407,7 +430,7 @@ class WarmStartSource:
         """The cached folder (trains the warm start if it is missing)."""
         self._apply_threads()
         if self._folder is None or not _complete(self._folder):
-            self._folder = ensure_warm_start(self.config, self.task, self.cache_dir,
+            self._folder = ensure_warm_start(self.config, self._task(), self.cache_dir,
                                              log=_stderr_print if self.verbose else None)
         return self._folder
 
@@ -428,7 +451,8 @@ class WarmStartSource:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"WarmStartSource(key={self.key}, vocab={c.vocab_size}, hidden={c.hidden_size}, "
+        key = self.key if self.task is not None else "<task not bound>"
+        return (f"WarmStartSource(key={key}, vocab={c.vocab_size}, hidden={c.hidden_size}, "
                 f"layers={c.num_hidden_layers}, steps={c.steps}, merge_prob={c.merge_prob}, "
                 f"token_noise={c.token_noise})")
 
