@@ -64,16 +64,36 @@ def test_overrides_reach_the_constructor_and_are_validated():
         instantiate(bad.regularizers)
 
 
+# the parameter that says how strongly each class acts: coef for the loss terms, its own name otherwise
+STRENGTH = {"ForkingTokens": "unselected_weight", "ClipCov": "detach_prob"}
+
+
 @pytest.mark.parametrize("cls", list(CLASSES.values()), ids=list(CLASSES))
 def test_jsonargparse_builds_each_class_from_class_path(cls):
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--reg", type=Regularizer)
     parser.add_argument("--exact", type=cls)
-    spec = {"class_path": f"tre_lightning.regularizers.{cls.__name__}", "init_args": {"coef": 0.5}}
+    key = STRENGTH.get(cls.__name__, "coef")
+    spec = {"class_path": f"tre_lightning.regularizers.{cls.__name__}", "init_args": {key: 0.5}}
     cfg = parser.parse_args(["--reg", json.dumps(spec), "--exact", json.dumps(spec)])
     built = parser.instantiate(cfg)
     for reg in (built.reg, built.exact):
-        assert type(reg) is cls and reg.coef == 0.5
+        assert type(reg) is cls and getattr(reg, key) == 0.5
+
+
+@pytest.mark.parametrize("cls", [ForkingTokens, ClipCov], ids=["ForkingTokens", "ClipCov"])
+def test_jsonargparse_refuses_the_former_coef_of_the_surrogate_strategies(cls):
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--reg", type=Regularizer)
+    spec = {"class_path": f"tre_lightning.regularizers.{cls.__name__}", "init_args": {"coef": 0.5}}
+    with pytest.raises(Exception, match="coef"):
+        parser.parse_args(["--reg", json.dumps(spec)])
+
+
+def test_the_surrogate_options_have_their_own_parameter_not_coef():
+    for option, key, value in [("forking", "unselected_weight", 0.0), ("clip_cov", "detach_prob", 1.0)]:
+        node = yaml.safe_load((GROUP / f"{option}.yaml").read_text())[option]
+        assert "coef" not in node and node[key] == value
 
 
 def test_jsonargparse_list_of_regularizers_with_arguments():
