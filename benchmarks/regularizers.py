@@ -60,6 +60,7 @@ from collections.abc import Callable
 
 import torch
 
+from tre_lightning.ppo import clipped_policy_loss
 from tre_lightning.regularizers import (
     TREK,
     TREP,
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     old_log_probs = log_probs.detach() + 0.05 * torch.randn(1, n, generator=gen).to(device)
     advantages = torch.randn(1, n, generator=gen).to(device)
     mask = torch.ones(1, n, device=device)
+    clipped = clipped_policy_loss(log_probs.detach(), old_log_probs, advantages, mask).clipped
     leaves = [log_probs]
 
     def ctx_of(z: torch.Tensor) -> PolicyContext:
@@ -296,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
             old_log_probs=old_log_probs,
             advantages=advantages,
             mask=mask,
+            clipped=clipped,
         )
 
     def strategy(reg) -> tuple[Callable, Callable]:
@@ -325,9 +328,9 @@ def main(argv: list[str] | None = None) -> dict:
         "tre_k": TREK(coef=1.0, top_k=args.top_k, chunk_size=cs),
         "tre_p": TREP(coef=1.0, top_p=args.top_p, chunk_size=cs),
         "min_ent": MinEnt(coef=1.0, chunk_size=cs),
-        "forking": ForkingTokens(coef=1.0, chunk_size=cs),
+        "forking": ForkingTokens(chunk_size=cs),
         "kl_cov": KLCov(coef=1.0),
-        "clip_cov": ClipCov(coef=1.0, seed=0),
+        "clip_cov": ClipCov(seed=0),
         "tre_p_cap256": TREP(coef=1.0, top_p=args.top_p, max_region=256, chunk_size=cs),
     }
     for name, reg in regs.items():

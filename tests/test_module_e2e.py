@@ -21,9 +21,9 @@ REGULARIZERS = {
     "tre_k": lambda: [R.TREK(coef=0.01, top_k=2)],
     "tre_p": lambda: [R.TREP(coef=0.01, top_p=0.9)],
     "min_ent": lambda: [R.MinEnt(coef=0.01)],
-    "forking": lambda: [R.ForkingTokens(coef=1.0)],
+    "forking": lambda: [R.ForkingTokens()],
     "kl_cov": lambda: [R.KLCov(coef=1.0)],
-    "clip_cov": lambda: [R.ClipCov(coef=1.0)],
+    "clip_cov": lambda: [R.ClipCov()],
     "tre_p+kl_cov": lambda: [R.TREP(coef=0.01), R.KLCov(coef=1.0)],
 }
 
@@ -144,6 +144,7 @@ def test_p_max_is_the_token_mean_of_the_peak_probability() -> None:
 class _NaNLoss:
     """A regularizer whose loss term is NaN (non-rewards: NaN rewards are scored 0 by the module's reward guard)."""
 
+    name = "nan_loss"
     coef = 1.0
 
     def __call__(self, ctx):

@@ -1,5 +1,6 @@
 """The PPO update of PPOModule against an independent, hand-written PPO step,
-and regularizers with coefficient 0 against no regularizer."""
+and regularizers at their neutral settings (coefficient 0, ``unselected_weight=1``, ``detach_prob=0``)
+against no regularizer."""
 
 from __future__ import annotations
 
@@ -126,9 +127,9 @@ ZERO_COEF = {
     "tre_k": lambda: R.TREK(coef=0.0),
     "tre_p": lambda: R.TREP(coef=0.0),
     "min_ent": lambda: R.MinEnt(coef=0.0),
-    "forking": lambda: R.ForkingTokens(coef=0.0),
+    "forking": lambda: R.ForkingTokens(unselected_weight=1.0),
     "kl_cov": lambda: R.KLCov(coef=0.0),
-    "clip_cov": lambda: R.ClipCov(coef=0.0),
+    "clip_cov": lambda: R.ClipCov(detach_prob=0.0),
 }
 
 

@@ -25,6 +25,7 @@ class Poison:
     """A regularizer that makes the loss (``kind="loss"``) or only the gradient (``kind="grad"``)
     non-finite while ``active``; a no-op otherwise."""
 
+    name = "poison"
     coef = 1.0
 
     def __init__(self, kind: str) -> None:

@@ -80,7 +80,9 @@ def parse_error(message: str) -> Any:
             reason = re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", line)
             reason = re.sub(r"^Expected a (.+?)\. Got value: (.*)$", lambda m: f"expected {m[1]}, got {m[2]!r}",
                             reason)
-    key = ".".join(p for p in parts if p not in subcommands)
+    key = ".".join(parts)
+    for sub in subcommands:
+        key = key.removeprefix(f"{sub}.").removeprefix(sub)
     return ConfigError(key, reason or message.strip().splitlines()[0])
 
 

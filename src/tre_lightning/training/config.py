@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tre_lightning.checks import ArgumentError, boolean, integer, one_of, optional, real
+from tre_lightning.ppo import KL_ESTIMATORS, LOSS_AGGREGATIONS, KLEstimator, LossAggregation
 from tre_lightning.rollout.base import SamplingParams, sampling_of
 
 __all__ = ["OptimConfig", "PPOConfig", "RolloutConfig"]
 
 PromptOverflow = Literal["truncate_left", "error"]
-LossAggregationName = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
-KLEstimatorName = Literal["k1", "abs", "k2", "k3"]
 ScheduleName = Literal["constant", "linear", "cosine"]
 
 
@@ -119,9 +118,9 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 1.0
     whiten_advantages: bool = True
-    loss_aggregation: LossAggregationName = "token-mean"
+    loss_aggregation: LossAggregation = "token-mean"
     kl_coef: float = 0.0
-    kl_estimator: KLEstimatorName = "k1"
+    kl_estimator: KLEstimator = "k1"
     value_clip_range: float | None = 0.5
     value_loss_scale: float = 0.5
     vf_coef: float = 1.0
@@ -143,10 +142,9 @@ class PPOConfig:
         optional(real, "dual_clip", self.dual_clip, 1.0, low_open=True)
         real("gamma", self.gamma, 0.0, 1.0)
         real("lam", self.lam, 0.0, 1.0)
-        one_of("loss_aggregation", self.loss_aggregation,
-               ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
+        one_of("loss_aggregation", self.loss_aggregation, LOSS_AGGREGATIONS)
         real("kl_coef", self.kl_coef, 0.0)
-        one_of("kl_estimator", self.kl_estimator, ("k1", "abs", "k2", "k3"))
+        one_of("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         optional(real, "value_clip_range", self.value_clip_range, 0.0, low_open=True)
         real("value_loss_scale", self.value_loss_scale, 0.0, low_open=True)
         real("vf_coef", self.vf_coef, 0.0, low_open=True)

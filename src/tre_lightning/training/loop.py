@@ -30,9 +30,9 @@ from tre_lightning.ppo import (
     compute_gae,
     global_loss_normalizer,
     global_masked_whiten,
-    kl_penalty,
     masked_mean,
     masked_var,
+    sampled_kl,
     token_level_rewards,
 )
 from tre_lightning.regularizers.base import Regularizer
@@ -204,7 +204,8 @@ class PPOLearner:
         cfg = self.ppo
         old_log_probs, old_values, ref_log_probs = self.score_rollout(rollout, runtime.device)
         mask = rollout.response_mask.to(old_log_probs.dtype)
-        kl = kl_penalty(old_log_probs, ref_log_probs, cfg.kl_estimator) if ref_log_probs is not None else None
+        # KL(pi_old || pi_ref) estimated on the sampled tokens (sampled from pi_old), in the reward
+        kl = sampled_kl(old_log_probs, ref_log_probs, cfg.kl_estimator) if ref_log_probs is not None else None
         token_rewards = token_level_rewards(scores, mask, kl=kl, kl_coef=cfg.kl_coef if kl is not None else 0.0)
         advantages, returns = compute_gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:  # over the valid tokens of the whole global batch (all data-parallel ranks)

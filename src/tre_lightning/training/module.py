@@ -291,5 +291,5 @@ def _as_list(regularizers: Sequence[Regularizer] | Mapping[str, Regularizer] | N
     for name, reg in named:
         if not isinstance(reg, Regularizer):
             key = f"regularizers{name}" if name.startswith("[") else f"regularizers.{name}"
-            raise ArgumentError(key, "a regularizer (__call__(PolicyContext) -> RegularizerOutput)", reg)
+            raise ArgumentError(key, "a regularizer (a `name` and __call__(PolicyContext) -> RegularizerOutput)", reg)
     return [reg for _, reg in named]

@@ -66,7 +66,10 @@ def compose_policy_loss(
     loss = aggregate_loss(surrogate, pg_mask, mode, normalizer=pg_normalizer)
     for reg, out in outputs:
         if out.loss is not None:
-            loss = loss + reg.coef * aggregate_loss(out.loss, mask, mode, normalizer=normalizer)
+            coef = getattr(reg, "coef", None)
+            if coef is None:
+                raise TypeError(f"{reg!r} returned a loss but has no `coef` (the weight of its loss term)")
+            loss = loss + coef * aggregate_loss(out.loss, mask, mode, normalizer=normalizer)
     return loss
 
 
@@ -106,8 +109,7 @@ def policy_loss(
         old_log_probs=micro.old_log_probs,
         advantages=micro.advantages,
         mask=mask,
-        clip_ratio_low=cfg.clip_ratio_low,
-        clip_ratio_high=cfg.clip_ratio_high,
+        clipped=pg.clipped,
     )
     outputs = [(reg, reg(ctx)) for reg in regularizers]
     loss = compose_policy_loss(pg.per_token, mask, outputs, cfg.loss_aggregation, normalizer)
