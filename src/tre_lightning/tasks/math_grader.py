@@ -43,6 +43,7 @@ Without math-verify the grader uses steps 1-3 only (documented fallback).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -198,7 +199,8 @@ def _hedged_after(text: str, end: int) -> bool:
     r"""True when another value follows the box ending at ``end`` through a connective.
 
     ``\boxed{4} or 9``, ``\boxed{4} or x^2``, ``\boxed{4} or \text{A}``, ``\boxed{4}, 9``,
-    ``\boxed{4}, x^2+1`` and ``\boxed{4} \pm 1`` are hedges; ``\boxed{5}, so x = 5`` and ``\boxed{4} and I am done`` are not.
+    ``\boxed{4}, x^2+1`` and ``\boxed{4} \pm 1`` are hedges; ``\boxed{5}, so x = 5`` and
+    ``\boxed{4} and I am done`` are not. Reads at most 200 characters after the box.
     """
     return _HEDGE_AFTER.match(text, end, min(len(text), end + 200)) is not None
 
@@ -396,6 +398,8 @@ def _items_of(s: str) -> list[str]:
     r"""Top-level list items: ``;`` and ``,`` + space always separate; ``45,120`` is one number."""
     if _wrapped(s, "\\{", "\\}") and "\\{" not in s[2:-2] and "\\}" not in s[2:-2]:
         s = s[2:-2]  # a set written \{a, b\}: its elements are the items
+    if "," not in s and ";" not in s:
+        return [s.strip()] if s.strip() else []
     items: list[str] = []
     for chunk in _split_top(s, ",;", need_space=True):
         chunk = chunk.strip()
@@ -428,7 +432,8 @@ def _drop_names(items: list[str]) -> list[str]:
     return items
 
 
-def rewrite_items(answer: str) -> list[str]:
+@functools.lru_cache(maxsize=4096)  # references repeat (several samples per prompt)
+def rewrite_items(answer: str) -> tuple[str, ...]:
     r"""The answer as list items after the rules that decide *what* the answer is.
 
     LaTeX is kept (spaces included), so the items can still be parsed:
@@ -460,7 +465,7 @@ def rewrite_items(answer: str) -> list[str]:
     s = _DIGIT_SPACE.sub("", s)  # "1\,000" is 1000, as the canonical form (no spaces) reads it
     s = _strip_outer_braces(s.strip())
     items = [item[:-1].rstrip() if item.endswith(".") and not item.endswith("..") else item for item in _items_of(s)]
-    return _drop_names([item for item in items if item])
+    return tuple(_drop_names([item for item in items if item]))
 
 
 def _canonical(item: str) -> str:
@@ -481,7 +486,8 @@ def _canonical(item: str) -> str:
     return s.replace(_ROW_BREAK, "\\\\")
 
 
-def answer_items(answer: str) -> list[str]:
+@functools.lru_cache(maxsize=4096)
+def answer_items(answer: str) -> tuple[str, ...]:
     r"""Normalised list items of an answer (one item for a single value).
 
     Deterministic, linear-time (regexes are anchored or simple), never
@@ -490,8 +496,8 @@ def answer_items(answer: str) -> list[str]:
     """
     s = str(answer)
     if len(s) > MAX_ANSWER_CHARS:
-        return [re.sub(r"\s+", "", s[: MAX_ANSWER_CHARS * 4])]
-    return [c for c in (_canonical(item) for item in rewrite_items(s)) if c]
+        return (re.sub(r"\s+", "", s[: MAX_ANSWER_CHARS * 4]),)
+    return tuple(c for c in (_canonical(item) for item in rewrite_items(s)) if c)
 
 
 def normalize_answer(answer: str) -> str:
@@ -539,7 +545,7 @@ def rule_equivalent(pred: str, reference: str) -> bool:
     return {_key(x) for x in a} == {_key(x) for x in b}
 
 
-def _shape(items: list[str]) -> tuple[int, bool]:
+def _shape(items: Sequence[str]) -> tuple[int, bool]:
     r"""(values, has an equation whose left side is not a name) of rewritten items.
 
     ``values``: distinct items, ``\pm``/``\mp`` counting two, and several
@@ -554,7 +560,7 @@ def _shape(items: list[str]) -> tuple[int, bool]:
     return values, odd
 
 
-def _words(items: list[str]) -> set[str]:
+def _words(items: Sequence[str]) -> set[str]:
     """Runs of 3+ letters that are not LaTeX commands (``maybe``, ``more``; not ``\\frac``)."""
     return {w for item in items for w in _FREE_WORD.findall(item)}
 
