@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from tre_lightning import checks
 from tre_lightning.tasks.base import Example, Messages
 from tre_lightning.tasks._splits import PathSplits
 from tre_lightning.tasks.data_io import DataError, any_str, load_rows, nonempty_str
@@ -83,10 +84,11 @@ class MathTask(PathSplits):
         memory_limit_mb: int = 2048,
         max_response_tokens: int = 8192,
     ) -> None:
+        checks.optional(checks.integer, "train_size", train_size, 1)
+        checks.optional(checks.integer, "val_size", val_size, 1)
+        checks.integer("seed", seed)
+        self.max_response_tokens = checks.integer("max_response_tokens", max_response_tokens, 1)
         self._init_splits(train_path, val_path, train_size, val_size, seed)
-        if max_response_tokens < 1:
-            raise ValueError(f"max_response_tokens must be >= 1, got {max_response_tokens}")
-        self.max_response_tokens = int(max_response_tokens)
         self.grader = MathGrader(
             use_math_verify=use_math_verify,
             time_limit=time_limit,
