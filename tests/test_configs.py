@@ -27,8 +27,17 @@ def _compose(overrides: list[str], tmp_path, name: str = "train") -> object:
     with initialize_config_module(config_module="tre_lightning.conf", version_base="1.3"):
         extra = [f"output_dir={tmp_path}"] if name == "train" else []
         cfg = compose(name, overrides=[*extra, *overrides])
-    # mandatory values (???), e.g. a local model path, get a placeholder: instantiation must not need them
-    return OmegaConf.create(_fill_missing(OmegaConf.to_container(cfg, resolve=False), str(tmp_path / "placeholder")))
+    # model folders (mandatory ??? values and the presets' ~/models/... paths) point at a stand-in folder with a
+    # config.json: building a source checks that the folder exists, loading its weights is not part of building
+    folder = tmp_path / "placeholder"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    tree = _fill_missing(OmegaConf.to_container(cfg, resolve=False), str(folder))
+    for key in ("policy", "critic", "reference"):
+        node = (tree.get("model") or {}).get(key)
+        if isinstance(node, dict) and isinstance(node.get("path"), str) and node["path"].startswith("~/models/"):
+            node["path"] = str(folder)
+    return OmegaConf.create(tree)
 
 
 def _fill_missing(node, value):
@@ -109,6 +118,8 @@ def test_hydra_yaml_instantiates(path: Path, tmp_path) -> None:
     elif rel.parts[0] == "engine":  # not in train.yaml's defaults list (engine: null): appended, +engine=vllm
         cfg = _compose([*NEUTRAL, f"+engine={path.stem}"], tmp_path)
         assert cfg.engine["_target_"].startswith("tre_lightning.rollout.")
+    elif rel.parts[0] == "strategy":  # strategy=fsdp also sets model.fsdp: keep a model to set it on
+        cfg = _compose(["model=tiny_random", "~task", "~regularizers", f"strategy={path.stem}"], tmp_path)
     else:
         cfg = _compose([*NEUTRAL, f"{rel.parts[0]}={path.stem}"], tmp_path)
     _instantiate_everything(cfg)

@@ -105,14 +105,15 @@ def run_worker(out: Path, overrides: dict[str, Any], resume: bool) -> dict[str, 
 
 def single_process(run: dict[str, Any]) -> Any:
     """The same module, one process, batch 2B, fed the rollouts both ranks sampled (rank 0's first)."""
-    from test_module_support import fit, trainer, validate
+    from test_module_support import fit, trainer
 
     ranks = run["a"]
     per_step = [[ranks[0]["recorded"][t], ranks[1]["recorded"][t]] for t in range(STEPS)]
-    module = build_module(run["cfg"], world=1)
-    module.engine = ReplayEngine(per_step, module.tokenizer.pad_token_id)
+    pad = build_module(run["cfg"], world=1).tokenizer.pad_token_id
+    engine = ReplayEngine(per_step, pad)
+    module = build_module(run["cfg"], world=1, engine=engine)
     fit(trainer(None, max_steps=STEPS), module)
-    assert module.engine.calls == STEPS
+    assert engine.calls == STEPS
     return module
 
 

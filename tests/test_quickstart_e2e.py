@@ -57,20 +57,19 @@ def _compose(overrides: list[str], **kwargs):
 
 
 def test_defaults_are_the_embedded_quickstart(tmp_path) -> None:
-    from hydra.utils import instantiate
-
-    from tre_lightning.tasks.embedded import EmbeddedTask, WarmStartSource
+    from tre_lightning.cli.train import build
     from tre_lightning.regularizers import TREP
+    from tre_lightning.tasks.embedded import EmbeddedTask, WarmStartSource
 
     cfg = _compose([f"output_dir={tmp_path}"])
     assert cfg.validate_first is True
     assert cfg.callbacks.run_report is not None
-    task = instantiate(cfg.task)
-    source = instantiate(cfg.model.policy, _convert_="all")
+    module = build(cfg).module
+    task, source = module.task, module.model.policy_source
     assert isinstance(task, EmbeddedTask) and isinstance(source, WarmStartSource)
-    assert source.task.config() == task.config()  # the warm start learns the task it is evaluated on
+    assert source.task is task  # the warm start learns the task it is evaluated on (bound by the module)
     assert len(source.tokenizer()) == 4096
-    assert [type(r) for r in instantiate(cfg.regularizers).values()] == [TREP]
+    assert [type(r) for r in module.regularizers] == [TREP]
     # "after" is a validation on the last iteration
     assert cfg.trainer.max_steps % cfg.trainer.val_check_interval == 0
 
@@ -78,12 +77,12 @@ def test_defaults_are_the_embedded_quickstart(tmp_path) -> None:
 def test_sweep_preset(tmp_path) -> None:
     cfg = _compose([f"output_dir={tmp_path}", "experiment=quickstart_sweep"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    regs = params.regularizer.split(",")
+    regs = params.regularizers.split(",")
     assert regs == ["none", "ent", "tre_k", "tre_p", "min_ent", "forking", "kl_cov"]
     assert params.seed.split(",") == ["0", "1", "2"]
     conf = Path(tre_lightning.conf.__file__).parent
     for name in regs:
-        assert (conf / "regularizer" / f"{name}.yaml").is_file(), name
+        assert (conf / "regularizers" / f"{name}.yaml").is_file(), name
     assert cfg.hydra.runtime.choices.model == "embedded"
     assert cfg.validate_first is True
 

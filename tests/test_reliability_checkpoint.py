@@ -126,7 +126,8 @@ def _assert_same_final(a: dict, b: dict) -> None:
         for p, state in oa["state"].items():
             for name, value in state.items():
                 torch.testing.assert_close(ob["state"][p][name], value, rtol=1e-5, atol=1e-6)
-    assert a["tre_lightning"]["data_position"] == b["tre_lightning"]["data_position"]
+    assert a["PromptDataModule"]["data_position"] == b["PromptDataModule"]["data_position"]
+    assert a["tre_lightning"]["rng"]["python"] == b["tre_lightning"]["rng"]["python"]
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path) -> None:
@@ -209,13 +210,14 @@ def test_a_stale_temporary_file_is_removed_by_the_next_save(tmp_path) -> None:
 
 def test_trainer_crash_while_saving_last_keeps_it_loadable_and_resumable(tmp_path, monkeypatch) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from test_module_support import CharTask, tiny_module, fit, trainer, validate
+    from test_module_support import CharTask, tiny_module, trainer
+    from test_module_support import fit as fit_module
 
     def fit(max_steps: int, ckpt_path: str | None = None):
         checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=-1)
         t = trainer(tmp_path, max_steps=max_steps, callbacks=[checkpoint], enable_checkpointing=True,
                     plugins=[AtomicCheckpointIO()])
-        fit(t, tiny_module(CharTask(), batch_size=4, mini_batch_size=2), ckpt_path=ckpt_path)
+        fit_module(t, tiny_module(CharTask(), batch_size=4, mini_batch_size=2), ckpt_path=ckpt_path)
         return t
 
     fit(1)

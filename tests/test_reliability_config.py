@@ -320,7 +320,7 @@ TRAINER_CASES = [
          "must be a non-negative integer or -1", cli_key="trainer"),
     Case("callback argument out of range", ["callbacks.samples.every_n_steps=0"],
          ["--trainer.callbacks+=tre_lightning.callbacks.SampleLogger", "--trainer.callbacks.every_n_steps=0"],
-         "callbacks.samples.every_n_steps", "every_n_steps must be >= 1", cli_key="trainer.callbacks.every_n_steps"),
+         "callbacks.samples.every_n_steps", "must be an int >= 1, got 0", cli_key="trainer.callbacks.every_n_steps"),
 ]
 
 

@@ -60,7 +60,7 @@ def test_fsdp_config_validates_and_maps_to_shard_model() -> None:
 
 
 def test_module_takes_fsdp_options_and_stores_them() -> None:
-    module = tiny_module(fsdp={"mixed_precision": "bf16", "activation_checkpointing": True})
+    module = tiny_module(fsdp=FSDPConfig(mixed_precision="bf16", activation_checkpointing=True))
     assert module.model.fsdp == FSDPConfig(mixed_precision="bf16", activation_checkpointing=True)
     assert "mixed_precision='bf16'" in module.hparams["model"]  # the checkpoint records the sharding options
     assert tiny_module().model.fsdp == FSDPConfig()
@@ -173,9 +173,10 @@ def test_4bit_reference_is_frozen_unregistered_and_used_for_the_kl(wide_folder: 
 def test_4bit_is_refused_for_the_trained_policy(wide_folder: Path) -> None:
     from tre_lightning.models import PretrainedSource
 
-    module = tiny_module(source=PretrainedSource(str(wide_folder), load_in_4bit=True))
-    with pytest.raises(ValueError, match="frozen models"):
-        module.configure_model()
+    from tre_lightning.checks import ArgumentError
+
+    with pytest.raises(ArgumentError, match=r"^policy\.load_in_4bit must be false: 4-bit loading is for frozen models"):
+        tiny_module(source=PretrainedSource(str(wide_folder), load_in_4bit=True))  # refused when built
 
 
 # --------------------------------------------------------------------------- engine group
@@ -268,7 +269,7 @@ def test_tre_train_bitsandbytes_missing(tmp_path: Path) -> None:
     _assert_clean_exit(proc, "tre-train", "pip install 'tre-lightning[quant]'")
 
 
-LIGHTNING_TINY = ["--model.policy", "tre_lightning.models.TinyRandomSource", "--model.policy.hidden_size", "32",
+LIGHTNING_TINY = ["--model.model.policy", "tre_lightning.models.TinyRandomSource", "--model.model.policy.hidden_size", "32",
                   "--model.rollout.max_new_tokens", "8", "--model.evaluation.max_new_tokens", "8",
                   "--trainer.max_steps", "1", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
                   "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0"]
@@ -350,7 +351,7 @@ def test_doc_hydra_command_composes(argv: list[str], tmp_path: Path) -> None:
         assert (strategy["data_parallel_size"], strategy["tensor_parallel_size"]) == (world, 1)
         assert isinstance(instantiate(OmegaConf.create(strategy)), ModelParallelStrategy)
         assert trainer_cfg["precision"] == "32-true"
-        assert isinstance(instantiate(cfg.fsdp), FSDPConfig)
+        assert isinstance(instantiate(cfg.model.fsdp), FSDPConfig)
         assert cfg.model.policy.dtype == "float32"  # fp32 master weights, bf16 compute
         if any(a.startswith("experiment=paper_") for a in argv):
             assert cfg.ppo.batch_size * world == 512 and cfg.ppo.mini_batch_size * world == 64
@@ -359,8 +360,8 @@ def test_doc_hydra_command_composes(argv: list[str], tmp_path: Path) -> None:
     if "+engine=vllm" in argv:
         assert cfg.engine._target_ == "tre_lightning.rollout.vllm.VLLMEngine"
         assert cfg.engine.model == cfg.model.policy.path
-    if cfg.model.get("reference") is not None:
-        assert instantiate(cfg.model.reference).load_in_4bit
+    if cfg.model.get("reference") is not None:  # the 4-bit reference (its folder exists on the user's machine)
+        assert cfg.model.reference._target_.endswith("PretrainedSource") and cfg.model.reference.load_in_4bit is True
     assert any(a.startswith("hydra.run.dir=") for a in argv), "multi-process runs need one run folder"
 
 

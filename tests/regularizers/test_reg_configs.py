@@ -1,4 +1,5 @@
-"""Every conf/regularizer/*.yaml composes and instantiates; every class builds through jsonargparse."""
+"""Every conf/regularizers/*.yaml composes and builds (with the entry points' builder); every class builds
+through jsonargparse."""
 
 from __future__ import annotations
 
@@ -8,16 +9,22 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from jsonargparse import ArgumentParser
 
 import tre_lightning.conf
+from tre_lightning.checks import ConfigError
+from tre_lightning.cli.build import ObjectBuilder
 from tre_lightning.regularizers import TREK, TREP, ClipCov, Ent, ForkingTokens, KLCov, MinEnt, Regularizer
 
 CONF = Path(tre_lightning.conf.__file__).parent
-GROUP = CONF / "regularizer"
+GROUP = CONF / "regularizers"
 OPTIONS = sorted(p.stem for p in GROUP.glob("*.yaml"))
 CLASSES = {"Ent": Ent, "TREK": TREK, "TREP": TREP, "MinEnt": MinEnt, "ForkingTokens": ForkingTokens, "KLCov": KLCov, "ClipCov": ClipCov}
+
+
+def instantiate(node):
+    return ObjectBuilder().build(OmegaConf.to_container(node, resolve=True), "regularizers")
 
 
 def _compose(overrides: list[str]):
@@ -60,7 +67,7 @@ def test_overrides_reach_the_constructor_and_are_validated():
     reg = instantiate(cfg.regularizers)["tre_p"]
     assert (reg.top_p, reg.max_region) == (0.9, 256)
     bad = _compose(["+regularizers=tre_p", "regularizers.tre_p.top_p=1.5"])
-    with pytest.raises(Exception, match="top_p"):
+    with pytest.raises(ConfigError, match=r"^regularizers\.tre_p\.top_p: must be a finite number in \(0, 1\], got 1\.5$"):
         instantiate(bad.regularizers)
 
 

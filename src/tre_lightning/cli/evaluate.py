@@ -117,7 +117,7 @@ def _task_from_config(name: str, overrides: Sequence[str]) -> Task:
     from hydra.utils import instantiate
 
     with initialize_config_module(config_module="tre_lightning.conf", version_base="1.3"):
-        cfg = compose("train", overrides=["output_dir=.", "~model", "~regularizer", f"task={name}", *overrides])
+        cfg = compose("train", overrides=["output_dir=.", "~model", "~regularizers", f"task={name}", *overrides])
     return instantiate(cfg.task, _convert_="all")
 
 

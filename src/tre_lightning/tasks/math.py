@@ -25,9 +25,15 @@ from tre_lightning import checks
 from tre_lightning.tasks.base import Example, Messages
 from tre_lightning.tasks._splits import PathSplits
 from tre_lightning.tasks.data_io import DataError, any_str, load_rows, nonempty_str
-from tre_lightning.tasks.math_grader import MathGrader, last_boxed_answer
+from tre_lightning.tasks.math_grader import MathGrader, final_answer, last_boxed_answer
 
 PROMPT_TEMPLATE = "{problem} Let's think step by step and output the final answer within \\boxed{{}}."
+
+
+def _boxed_reference(solution: str) -> str | None:
+    """The reference answer of a solution: its final answer as responses are read (boxes joined:
+    ``\\boxed{2}, \\boxed{3}`` is ``2, 3``), else its last box (references are trusted)."""
+    return final_answer(solution) or last_boxed_answer(solution)
 
 
 def _with_answer(row: dict[str, Any]) -> dict[str, Any]:
@@ -36,7 +42,7 @@ def _with_answer(row: dict[str, Any]) -> dict[str, Any]:
     solution = row.get("solution")
     if not isinstance(solution, str):
         raise DataError("missing column: need 'solution' (with a \\boxed{} answer) or 'answer'", column="solution")
-    answer = last_boxed_answer(solution)
+    answer = _boxed_reference(solution)
     if not answer or not answer.strip():
         raise DataError("the solution has no \\boxed{} answer", column="solution")
     row["answer"] = answer
@@ -116,7 +122,7 @@ class MathTask(PathSplits):
         answer = example.get("answer")
         if isinstance(answer, str) and answer.strip():
             return answer
-        boxed = last_boxed_answer(str(example.get("solution", "")))
+        boxed = _boxed_reference(str(example.get("solution", "")))
         if not boxed:
             raise ValueError("MATH example has neither an 'answer' nor a boxed answer in its 'solution'")
         return boxed

@@ -83,10 +83,12 @@ class Runtime:
 
 @dataclass
 class IterationResult:
-    """What one PPO iteration measured: scalar ``metrics`` and the ``samples`` (prompt, response, reward)."""
+    """What one PPO iteration produced: scalar ``metrics``, the ``samples`` (prompt, response, reward
+    columns) and the ``rollout`` it trained on."""
 
     metrics: dict[str, float]
     samples: dict[str, list[Any]]
+    rollout: Rollout
 
 
 def _repeat(items: Sequence[Any], n: int) -> list[Any]:
@@ -167,7 +169,7 @@ class PPOLearner:
             skip_special_tokens=False,
         )
         samples = {"prompt": _repeat(prompts, n), "response": responses, "reward": scores.tolist()}
-        return IterationResult(metrics=stats.result(), samples=samples)
+        return IterationResult(metrics=stats.result(), samples=samples, rollout=rollout)
 
     # ------------------------------------------------------------------ experience
 

@@ -157,7 +157,7 @@ class PPOModule(LightningModule):
     # ------------------------------------------------------------------ training
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """One PPO iteration; returns ``{"metrics", "samples"}`` for the callbacks."""
+        """One PPO iteration; returns ``{"metrics", "samples", "rollout"}`` for the callbacks."""
         generator = self.resume.begin_iteration(self.global_step, self.global_rank)
         optimizers = self.optimizers(use_pl_optimizer=False)
         result = self.learner.iteration(batch, (optimizers[0], optimizers[1]), generator, self._runtime())
@@ -166,7 +166,7 @@ class PPOModule(LightningModule):
         self._count_iteration()
         for name, value in result.metrics.items():
             self.log(name, value, on_step=True, on_epoch=False, batch_size=1, prog_bar=name in PROGRESS_BAR_METRICS)
-        return {"metrics": result.metrics, "samples": result.samples}
+        return {"metrics": result.metrics, "samples": result.samples, "rollout": result.rollout}
 
     def _runtime(self) -> Runtime:
         all_reduce, world = self._data_parallel()
