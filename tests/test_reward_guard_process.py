@@ -317,7 +317,31 @@ def test_a_task_that_cannot_load_in_the_worker(tmp_path: Path) -> None:
 def test_guard_arguments_are_validated() -> None:
     for kwargs, param in (({"timeout": 0}, "timeout"), ({"timeout": "10"}, "timeout"),
                           ({"isolation": "fork"}, "isolation"), ({"startup_timeout": 0.0}, "startup_timeout"),
-                          ({"timeout": None, "isolation": "process"}, "isolation")):
+                          ({"timeout": None, "isolation": "process"}, "isolation"), ({"name": ""}, "name")):
         with pytest.raises(ArgumentError) as err:
             RewardGuard(Scripted("ok"), **kwargs)
         assert err.value.param == param
+
+
+def test_a_payload_file_left_by_a_killed_trainer_is_removed_by_the_next_worker() -> None:
+    """The pickled task of a SIGKILLed trainer stays in the temporary folder; the next worker to start
+    removes the files of processes that are gone and keeps those of live ones.
+
+    Checked against: no sweep (the stale file stays)."""
+    import tempfile
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    folder = Path(tempfile.gettempdir())
+    stale = folder / f"tre-worker-{gone.pid}-test.pkl"
+    live = folder / f"tre-worker-{os.getppid()}-test.pkl"
+    stale.write_bytes(b"x")
+    live.write_bytes(b"x")
+    try:
+        guard = RewardGuard(Scripted("ok"), timeout=LONG, isolation="process")
+        assert guard.score([{}], ["ab"]).rewards == [2.0]
+        assert not stale.exists() and live.exists()
+        guard.close()
+    finally:
+        stale.unlink(missing_ok=True)
+        live.unlink(missing_ok=True)

@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tre_lightning.checks import ArgumentError, one_of, optional, real
+from tre_lightning.checks import ArgumentError, one_of, optional, real, text
 
 __all__ = ["ISOLATIONS", "MAX_ABANDONED", "Isolation", "RewardGuard", "RewardReport", "decode_responses"]
 
@@ -305,7 +305,7 @@ class RewardGuard:
             raise ArgumentError("isolation", "'thread' or 'auto' when timeout is None (a worker process is there "
                                 "to enforce a time limit)", given)
         self.task = task
-        self.name = name
+        self.name = text("name", name)
         self._abandoned: list[threading.Thread] = []
         self._worker: Any = None
         self.totals = {"calls": 0, "errors": 0, "timeouts": 0, "invalid": 0, "grader_timeouts": 0,

@@ -21,7 +21,9 @@ stuck in C code that holds the GIL is ended by a per-call CPU-time cap
 (``ITIMER_PROF``, default action: terminate) that the parent sets above what
 the call could use before its own deadline.
 
-Only the standard library is imported here, so a helper whose callable needs
+The payload file is removed when the worker is closed or collected and at
+interpreter exit; one left by a SIGKILLed trainer is removed by the next
+worker that starts. Only the standard library is imported here, so a helper whose callable needs
 no torch does not import it. :mod:`tre_lightning.tasks.timeouts` could build
 its symbolic helper on this class later (its request/answer would become a
 pickled call of a small function).
@@ -50,6 +52,37 @@ def _payload_header(env: Mapping[str, str], cpu_seconds: float) -> bytes:
     cwd = os.getcwd()
     sys_path = [cwd if p in ("", ".") else p for p in sys.path]
     return json.dumps({"sys_path": sys_path, "env": dict(env), "cpu_seconds": float(cpu_seconds)}).encode() + b"\n"
+
+
+_PREFIX = "tre-worker-"
+
+
+def _sweep_stale(folder: str) -> None:
+    """Remove payload files left by processes that are gone (a SIGKILLed trainer cannot remove its own)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(_PREFIX) and name.endswith(".pkl")):
+            continue
+        pid = name[len(_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+        except OSError:
+            pass
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
 
 
 def _unlink(path: str, owner_pid: int) -> None:
@@ -100,7 +133,8 @@ class CallableWorker:
     def _payload_path(self) -> str:
         """The payload file of this process (written on first use; a forked copy writes its own)."""
         if self._path is None or self._path_pid != os.getpid():
-            fd, path = tempfile.mkstemp(prefix="tre-worker-", suffix=".pkl")
+            _sweep_stale(tempfile.gettempdir())
+            fd, path = tempfile.mkstemp(prefix=f"{_PREFIX}{os.getpid()}-", suffix=".pkl")
             with os.fdopen(fd, "wb") as fh:
                 fh.write(_payload_header(self.env, self.cpu_seconds))
                 fh.write(self._target_bytes)
