@@ -345,3 +345,36 @@ def test_a_payload_file_left_by_a_killed_trainer_is_removed_by_the_next_worker()
     finally:
         stale.unlink(missing_ok=True)
         live.unlink(missing_ok=True)
+
+
+def test_the_worker_sees_the_trainers_current_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With CUDA in use, the worker's CUDA_VISIBLE_DEVICES names the trainer's current device (its physical
+    id under the trainer's own CUDA_VISIBLE_DEVICES), so ranks do not all score on GPU 0; without CUDA in use
+    the environment is left alone. (CUDA faked: the mapping, not a GPU, is under test.)
+
+    Checked against: passing the logical index through (1.0 instead of 6.0)."""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    with RewardGuard(Scripted("cuda_visible"), timeout=LONG, isolation="process") as guard:
+        assert guard.score([{}], ["a"]).rewards == [6.0]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with RewardGuard(Scripted("cuda_visible"), timeout=LONG, isolation="process") as guard:
+        assert guard.score([{}], ["a"]).rewards == [1.0]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    with RewardGuard(Scripted("cuda_visible"), timeout=LONG, isolation="process") as guard:
+        assert guard.score([{}], ["a"]).rewards == [-1.0]
+
+
+def test_a_pickled_guard_gets_its_own_worker() -> None:
+    """A copy of a guard (pickled, e.g. with its module) starts its own worker; closing it leaves the
+    original's worker serving."""
+    import pickle
+
+    guard = RewardGuard(Scripted("pid"), timeout=LONG, isolation="process")
+    first = guard.score([{}], ["a"]).rewards
+    copy = pickle.loads(pickle.dumps(guard))
+    assert copy.score([{}], ["a"]).rewards != first
+    copy.close()
+    assert guard.score([{}], ["a"]).rewards == first
+    guard.close()

@@ -96,6 +96,8 @@ class Scripted:
         if self.mode == "grader_counters":
             self._counts["timeouts"] += 2
             self._counts["errors"] += 1
+        if self.mode == "cuda_visible":
+            return [float(os.environ.get("CUDA_VISIBLE_DEVICES", "-1"))] * len(responses)
         if self.mode == "pid":
             return [float(os.getpid())] * len(responses)
         if self.mode == "grad":
