@@ -29,6 +29,8 @@ LETTERS = "abcdefghijklmnopqrstuvwx"
 class CharTask:
     """Prompts "say <c>"; reward: fraction of response characters equal to c (binary: c appears)."""
 
+    score_isolation = "thread"  # a few characters counted: no worker process needed (and none started)
+
     name = "char"
 
     def __init__(self, n_train: int = 8, n_val: int = 5, binary: bool = False, nan_reward: bool = False) -> None:
@@ -151,6 +153,9 @@ def tiny_module(
     optim_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in OptimConfig.__dataclass_fields__}
     model_kwargs = {k: kwargs.pop(k) for k in list(kwargs)
                     if k in ("critic", "reference", "share_backbone", "gradient_checkpointing", "fsdp")}
+    rollout_kwargs = dict(max_prompt_length=64)
+    rollout_kwargs.update({k: kwargs.pop(k) for k in list(kwargs) if k in (
+        "score_timeout", "score_isolation", "temperature", "top_p", "top_k", "max_prompt_length", "prompt_overflow")})
     optim_defaults = dict(actor_lr=lr, critic_lr=lr, critic_warmup_ratio=0.0)
     optim_defaults.update(optim_kwargs)
     return PPOModule(
@@ -158,7 +163,7 @@ def tiny_module(
         task=task if task is not None else CharTask(),
         regularizers=regularizers,
         engine=engine,
-        rollout=RolloutConfig(n=n, max_new_tokens=max_new_tokens, max_prompt_length=64),
+        rollout=RolloutConfig(n=n, max_new_tokens=max_new_tokens, **rollout_kwargs),
         ppo=PPOConfig(batch_size=batch_size, mini_batch_size=mini_batch_size, micro_batch_size=micro_batch_size,
                       **ppo_kwargs),
         optim=OptimConfig(**optim_defaults),

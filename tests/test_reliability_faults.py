@@ -182,8 +182,6 @@ def test_long_prompts_are_rejected_by_configuration() -> None:
 
 @pytest.mark.parametrize("overflow", ["truncate_left", "error"])
 def test_prompt_overflow_in_training(overflow: str) -> None:
-    from tre_lightning.training.config import RolloutConfig
-
     class Record(Callback):
         def __init__(self) -> None:
             self.truncated: list[float] = []
@@ -191,8 +189,8 @@ def test_prompt_overflow_in_training(overflow: str) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.truncated.append(outputs["metrics"]["train/truncated_prompts"])
 
-    module = tiny_module(LongPrompts(), batch_size=4, mini_batch_size=2)
-    module.rollout = RolloutConfig(n=2, max_new_tokens=4, max_prompt_length=40, prompt_overflow=overflow)
+    module = tiny_module(LongPrompts(), batch_size=4, mini_batch_size=2, n=2, max_new_tokens=4, max_prompt_length=40,
+                         prompt_overflow=overflow)
     record = Record()
     if overflow == "error":
         with pytest.raises(ValueError, match="prompt_overflow='error'"):

@@ -190,6 +190,7 @@ def build_run(
     from tre_lightning.training import PPOModule
     from tre_lightning.training.checkpoint_io import with_atomic_checkpoint_io
     from tre_lightning.training.data import check_task_data
+    from tre_lightning.training.trainer_args import check_trainer_args
 
     module = builder.build({**module_node, "_target_": f"{PPOModule.__module__}.PPOModule"}, module_key)
     try:
@@ -199,7 +200,7 @@ def build_run(
     built_callbacks = [builder.build(node, key) for key, node in callbacks if node is not None]
     built_callbacks.extend(extra_callbacks)
     node = dict(trainer_node)
-    module.check_trainer_args(node)
+    check_trainer_args(node)
     extra: dict[str, Any] = {}
     if loggers is not None:
         extra["logger"] = [builder.build(n, key) for key, n in loggers if n is not None] or False

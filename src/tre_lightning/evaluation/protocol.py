@@ -83,24 +83,32 @@ def evaluate(
     max_prompt_length: int = 1024,
     engine: Any = None,
     score_timeout: float | None = 600.0,
+    score_isolation: str = "auto",
 ) -> dict[str, float]:
     """Run the evaluation protocol on ``task.val_examples()`` (one process).
 
     ``task.score`` goes through the same :class:`~tre_lightning.tasks.guard.RewardGuard`
-    as training (``score_timeout``: seconds per call, > 0, or None): a reward
-    function that raises, hangs or returns bad values scores those responses 0
-    (with a warning) instead of stopping the evaluation.
+    as training (``score_timeout``: seconds per call, > 0, or None;
+    ``score_isolation``: auto, process or thread): a reward function that
+    raises, hangs or returns bad values scores those responses 0 (with a
+    warning) instead of stopping the evaluation.
 
     Returns:
         ``val/pass@k`` (binary tasks), ``val/reward``, ``val/response_length``,
         ``prompts`` and ``samples``.
     """
-    from tre_lightning.training.data import PromptBatches
-    from tre_lightning.rollout.hf import HFGenerateEngine
     from tre_lightning.tasks.guard import RewardGuard
 
     cfg = cfg if cfg is not None else EvalConfig()
-    scorer = RewardGuard(task, timeout=score_timeout, name="tre-eval").as_task()
+    with RewardGuard(task, timeout=score_timeout, name="tre-eval", isolation=score_isolation) as guard:
+        return _evaluate(actor, tokenizer, task, cfg, max_prompt_length, engine, guard.as_task())
+
+
+def _evaluate(actor: nn.Module, tokenizer: Any, task: Task, cfg: EvalConfig, max_prompt_length: int, engine: Any,
+              scorer: Any) -> dict[str, float]:
+    from tre_lightning.rollout.hf import HFGenerateEngine
+    from tre_lightning.training.data import PromptBatches
+
     examples = task.val_examples()
     if cfg.max_examples is not None:
         examples = examples[: cfg.max_examples]

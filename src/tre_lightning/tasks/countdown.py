@@ -234,6 +234,8 @@ class CountdownTask(SplitSettings):
         max_response_tokens: generation budget of the paper (512); read by the trainer.
     """
 
+    score_isolation = "process"  # refuses loudly if the task stops being picklable
+
     name = "countdown"
     binary_reward = True
 

@@ -218,6 +218,8 @@ class HHTask(PathSplits):
         max_response_tokens: generation budget of the paper (1,024); read by the trainer.
     """
 
+    score_isolation = "thread"  # the reward model runs on the trainer's GPU (a worker would load another copy)
+
     name = "hh"
     binary_reward = False
     _owner = "HHTask"

@@ -72,6 +72,8 @@ class MathTask(PathSplits):
     ``timeouts``, ``errors``, ``failures``) for this process.
     """
 
+    score_isolation = "process"  # the graders bound each check themselves; a worker bounds the rest
+
     name = "math"
     binary_reward = True
     _owner = "MathTask"

@@ -50,6 +50,12 @@ class RolloutConfig:
             and training goes on; the call is abandoned in its worker thread.
             A backstop against a hung reward function: the tasks' graders
             bound each check themselves (e.g. MATH's 5 s per check).
+        score_isolation: where ``task.score`` runs: ``process`` (a worker
+            process, killed at the time limit whatever the reward does),
+            ``thread`` (bounds only hangs that release the GIL; for rewards
+            that need the trainer's GPU, e.g. HH's reward model) or ``auto``
+            (the task's own ``score_isolation``, else a process). See
+            :class:`~tre_lightning.tasks.guard.RewardGuard`.
     """
 
     n: int = 8
@@ -60,12 +66,17 @@ class RolloutConfig:
     max_prompt_length: int = 1024
     prompt_overflow: PromptOverflow = "truncate_left"
     score_timeout: float | None = 600.0
+    score_isolation: Literal["auto", "process", "thread"] = "auto"
 
     def __post_init__(self) -> None:
         sampling_of(self)
         integer("max_prompt_length", self.max_prompt_length, 1)
         one_of("prompt_overflow", self.prompt_overflow, ("truncate_left", "error"))
         optional(real, "score_timeout", self.score_timeout, 0.0, low_open=True)
+        one_of("score_isolation", self.score_isolation, ("auto", "process", "thread"))
+        if self.score_isolation == "process" and self.score_timeout is None:
+            raise ArgumentError("score_isolation", "'thread' or 'auto' when score_timeout is null (a worker "
+                                "process is there to be killed at the time limit)", self.score_isolation)
 
     def sampling(self) -> SamplingParams:
         """The engine's sampling parameters for training rollouts."""

@@ -39,6 +39,7 @@ from tre_lightning.training.export import export_hf, tokenizer_files
 from tre_lightning.training.loop import PPOLearner, Runtime
 from tre_lightning.training.optim import build_optimizer, build_scheduler
 from tre_lightning.training.resume import ResumeState, rng_state, set_rng_state
+from tre_lightning.training.trainer_args import check_trainer_args
 
 __all__ = ["PPOModule"]
 
@@ -88,18 +89,15 @@ class PPOModule(LightningModule):
         except ConfigError as err:
             raise err.under("model") from None
         self.model = model
-        self.task = task
-        self.regularizers = _as_list(regularizers)
-        self.rollout = _config(rollout, RolloutConfig, "rollout")
-        self.ppo = _config(ppo, PPOConfig, "ppo")
+        rollout, ppo = _config(rollout, RolloutConfig, "rollout"), _config(ppo, PPOConfig, "ppo")
         self.optim = _config(optim, OptimConfig, "optim")
         self.evaluation = _config(evaluation, EvalConfig, "evaluation")
         self.seed = integer("seed", seed, 0, 2**32 - 1)
-        self.ppo.check_micro_batch(self.rollout.n)
-        self.engine: RolloutEngine = engine if engine is not None else HFGenerateEngine()
+        ppo.check_micro_batch(rollout.n)
         self.automatic_optimization = False
-        self.guard = RewardGuard(task, timeout=self.rollout.score_timeout)
-        self.learner = PPOLearner(model, self.engine, self.guard, self.regularizers, self.rollout, self.ppo)
+        guard = RewardGuard(task, timeout=rollout.score_timeout, isolation=rollout.score_isolation)
+        self.learner = PPOLearner(model, engine if engine is not None else HFGenerateEngine(), guard,
+                                  _as_list(regularizers), rollout, ppo)
         self.resume = ResumeState(self.seed)
         self.val_metrics = build_eval_metrics(task, self.evaluation)
         self._val_rng: dict[str, Any] | None = None
@@ -110,23 +108,25 @@ class PPOModule(LightningModule):
             **{name: dataclasses.asdict(getattr(self, name)) for name in ("rollout", "ppo", "optim", "evaluation")},
         })
 
-    @property
-    def tokenizer(self) -> Any:
-        return self.model.tokenizer
+    # what the loop runs with, read-only (an assignment would not reach the loop): build a new module instead
+    task = property(lambda self: self.learner.guard.task, doc="The task (prompts and rewards).")
+    guard = property(lambda self: self.learner.guard, doc="The reward guard around ``task.score``.")
+    engine = property(lambda self: self.learner.engine, doc="The rollout engine.")
+    regularizers = property(lambda self: self.learner.regularizers, doc="The regularizers.")
+    rollout = property(lambda self: self.learner.rollout, doc="The training sampling settings.")
+    ppo = property(lambda self: self.learner.ppo, doc="The PPO update settings.")
+    tokenizer = property(lambda self: self.model.tokenizer, doc="The policy's tokenizer.")
 
     # ------------------------------------------------------------------ models and optimizers
 
-    @staticmethod
-    def check_trainer_args(args: Mapping[str, Any]) -> None:
-        """Refuse ``lightning.Trainer`` arguments PPO cannot run with (the entry points call it before
-        they build the trainer; ``setup`` calls it with any other trainer's settings)."""
-        precision = str(args.get("precision", "32-true"))
-        if precision in ("16", "16-mixed", "16-true"):
-            raise ArgumentError("trainer.precision", "32-true, bf16-mixed or bf16-true (fp16 with a grad scaler "
-                                "is not supported)", precision)
-
     def setup(self, stage: str) -> None:
-        self.check_trainer_args({"precision": self.trainer.precision})
+        check_trainer_args({"precision": self.trainer.precision})
+
+    def on_fit_start(self) -> None:
+        self.guard.start()  # a task that cannot run in the reward worker is found before the first rollout
+
+    def teardown(self, stage: str) -> None:
+        self.guard.close()
 
     def configure_model(self) -> None:
         """Build actor, critic (or shared head) and reference, sharded under FSDP2; idempotent."""

@@ -45,6 +45,8 @@ class EmbeddedTask:
         format_score: reward of a wrong answer made of digits only, in [0, 1).
     """
 
+    score_isolation = "thread"  # a bounded rule check of at most a few dozen characters per response
+
     name = "embedded"
     binary_reward = True
 
