@@ -320,7 +320,7 @@ TRAINER_CASES = [
          "must be a non-negative integer or -1", cli_key="trainer"),
     Case("callback argument out of range", ["callbacks.samples.every_n_steps=0"],
          ["--trainer.callbacks+=tre_lightning.callbacks.SampleLogger", "--trainer.callbacks.every_n_steps=0"],
-         "callbacks.samples.every_n_steps", "must be an int >= 1, got 0", cli_key="trainer.callbacks.every_n_steps"),
+         "callbacks.samples.every_n_steps", "must be an int >= 1, got 0", cli_key="trainer.callbacks[0].every_n_steps"),
 ]
 
 
@@ -373,7 +373,9 @@ def test_every_shipped_config_validates(choice: str, spy: _Spy, hydra_ctx, tmp_p
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    data = _rows_file(tmp_path / "data.jsonl", [{"prompt": "p", "problem": "p", "solution": "\\boxed{1}"}])
+    # one batch of rows at least: the paper presets draw 512 prompts per iteration
+    data = _rows_file(tmp_path / "data.jsonl", [{"prompt": f"p{i}", "problem": f"p{i}", "solution": "\\boxed{1}"}
+                                                for i in range(1024)])
     paths = {"model.policy.path": model, "task.train_path": data, "task.val_path": data,
              "task.reward_model_path": model}
     # building the trainer of a GPU preset needs a GPU: on a CPU machine check the rest

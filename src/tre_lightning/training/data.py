@@ -49,8 +49,10 @@ def check_task_data(task: Task, batch_size: int) -> None:
     for split in ("train", "val"):
         try:
             rows = getattr(task, f"{split}_examples")()
-        except (DataError, ConfigError):
+        except DataError:
             raise
+        except ConfigError as err:
+            raise err.under("task") from None
         except FileNotFoundError as err:
             raise ConfigError(f"task.{split}_path", str(err)) from None
         except ValueError as err:
