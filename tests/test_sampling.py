@@ -103,7 +103,10 @@ def test_temperature_draws_follow_softmax_z_over_t() -> None:
 
 @pytest.mark.parametrize("max_rejections", [4, 0])
 def test_top_p_draws_follow_the_renormalised_nucleus(max_rejections: int) -> None:
-    """T = 1.3, top-p 0.7, by rejection (4 tries, then the sort fallback) and by the sort fallback alone."""
+    """T = 1.3, top-p 0.7, by rejection (4 tries, then the sort fallback) and by the sort fallback alone.
+
+    Checked to fail (rejection variant) when every draw is accepted (top-p not applied).
+    """
     sampling = SamplingParams(temperature=1.3, top_p=0.7)
     tokens = draw_many(LOGITS, sampling, N, seed=1, max_rejections=max_rejections)
     assert_sampled_from(tokens, reference_probs(LOGITS, 1.3, top_p=0.7), wrong={
