@@ -253,7 +253,7 @@ def _run_decoding_path(case) -> None:
         prompt_ids[i, :p] = _PAD
     model = ScriptedModel(_VOCAB, _EOS, _PAD)
     model.response = torch.tensor(rows, dtype=torch.long).reshape(prompts * n, width)
-    engine = HFGenerateEngine()
+    engine = HFGenerateEngine(backend="generate")  # the scripted model answers generate() only
     engine.sync_weights(model)
     rollout = engine.generate(prompt_ids, prompt_mask, SamplingParams(n=n, max_new_tokens=max_new))
     # the engine's post-processing: mask up to and including the first eos, pad after it
