@@ -4,7 +4,7 @@
 response tokens of the top-1 probability, measured on the training forward
 pass (the policy-loss pass of each PPO iteration, as in the authors' code).
 A value near 1 means the policy has become nearly deterministic. The module
-computes and logs it (``policy/p_max``, shown in the progress bar); this
+computes and logs it (``policy/p_max``, shown by :class:`PPOProgress`); this
 callback keeps its history, e.g. for a notebook's plot.
 """
 

@@ -154,7 +154,10 @@ def main(args: list[str] | None = None) -> None:
 
 def run(args: list[str] | None = None, **kwargs: Any) -> TRECLI:
     """Build (and by default run) the CLI; ``args`` as on the command line."""
+    from tre_lightning.cli.logging_setup import setup_logging
+
     quiet_warnings()
+    setup_logging()
     return TRECLI(
         PPOModule,
         datamodule_class=None,

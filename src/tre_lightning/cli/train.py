@@ -76,9 +76,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Build, (optionally) validate first, fit, export the actor; returns the final logged metrics."""
     import lightning as L
 
+    from tre_lightning.cli.logging_setup import setup_logging
     from tre_lightning.training.checkpoint_io import check_resume_path
 
     quiet_warnings()
+    setup_logging()
     ckpt_path = cfg.get("ckpt_path")
     check_resume_path(ckpt_path, "ckpt_path")
     L.seed_everything(int(cfg.seed), workers=True)

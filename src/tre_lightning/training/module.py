@@ -43,10 +43,6 @@ from tre_lightning.training.trainer_args import check_trainer_args
 
 __all__ = ["PPOModule"]
 
-PROGRESS_BAR_METRICS = ("policy/p_max", "reward/mean")
-"""Logged with ``prog_bar=True`` (the other metrics go to the loggers only)."""
-
-
 class PPOModule(LightningModule):
     """Actor-critic PPO with GAE for language models, with pluggable regularizers.
 
@@ -165,7 +161,7 @@ class PPOModule(LightningModule):
             scheduler.step()
         self._count_iteration()
         for name, value in result.metrics.items():
-            self.log(name, value, on_step=True, on_epoch=False, batch_size=1, prog_bar=name in PROGRESS_BAR_METRICS)
+            self.log(name, value, on_step=True, on_epoch=False, batch_size=1)
         return {"metrics": result.metrics, "samples": result.samples, "rollout": result.rollout}
 
     def _runtime(self) -> Runtime:
