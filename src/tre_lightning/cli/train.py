@@ -54,7 +54,7 @@ def build(cfg: DictConfig) -> Any:
 
     params = [p for p in inspect.signature(PPOModule).parameters]
     for key in sorted(OmegaConf.missing_keys(cfg)):
-        hint = " (a local HF model folder, e.g. model.policy.path=~/models/Qwen2.5-1.5B-Instruct)" \
+        hint = " (a Hub model id or a local HF model folder, e.g. model.policy.path=Qwen/Qwen2.5-1.5B-Instruct)" \
             if key.endswith(".path") else ""
         raise ConfigError(key, f"required, not set (???){hint}")
     unknown = [k for k in cfg if k not in params and k not in RUN_KEYS]

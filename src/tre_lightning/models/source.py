@@ -1,8 +1,8 @@
 """Where models come from: the ModelSource seam and its two built-in sources.
 
 A source hands out a tokenizer (with a chat template) and freshly built causal
-LMs. Nothing downloads: :class:`PretrainedSource` reads a local folder only
-(``local_files_only=True``); :class:`TinyRandomSource` builds a small Qwen2 with
+LMs. :class:`PretrainedSource` reads a local folder or a Hub model id from the
+Hugging Face cache (downloaded into the cache when online and not cached); :class:`TinyRandomSource` builds a small Qwen2 with
 seeded random weights (tests, benchmarks, the embedded task). A new source
 (a warm start, LoRA, 4-bit) is one more class with the same two methods.
 
@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tre_lightning.checks import ConfigError, boolean, one_of, optional, text
+from tre_lightning.models import hub
 from tre_lightning.models.tiny import DEFAULT_CHARS, char_tokenizer, tiny_qwen2_config
 
 __all__ = ["ModelSource", "PretrainedSource", "TinyRandomSource", "load_tokenizer", "resolve_dtype"]
@@ -93,11 +94,19 @@ def _check_tokenizer(tok: PreTrainedTokenizerBase, where: str) -> PreTrainedToke
 
 
 class PretrainedSource:
-    """A model folder on local disk (``save_pretrained`` layout); never downloads.
+    """A model folder on local disk (``save_pretrained`` layout) or a Hub model id in the HF cache.
+
+    ``path`` is a local folder when one exists there; otherwise a Hub repo id
+    (``Qwen/Qwen2.5-1.5B-Instruct``) resolved through the standard Hugging Face
+    cache (``HF_HOME``, ``HF_HUB_CACHE``) at ``revision``
+    (:mod:`tre_lightning.models.hub`). A cached id is resolved at construction;
+    an uncached one is refused there when ``HF_HUB_OFFLINE`` is set (one line
+    with the ``hf download`` command) and downloaded into the cache on first
+    use otherwise. :attr:`path` is the local folder once known.
 
     Args:
-        path: folder with config, weights and tokenizer files (``~`` expanded).
-        tokenizer_path: tokenizer folder if different from ``path``.
+        path: local folder (``~`` expanded) or Hub model id.
+        tokenizer_path: tokenizer folder or model id if different from ``path``.
         dtype: ``auto`` (as saved), ``float32``, ``bfloat16`` or ``float16``.
         attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``; None = default.
         trust_remote_code: allow custom modelling code shipped in the folder.
@@ -108,6 +117,7 @@ class PretrainedSource:
             trained and refuse it. ``dtype`` is the storage/compute dtype
             (``auto`` = bfloat16). Under FSDP2 a 4-bit model is not sharded:
             every process holds the whole 4-bit copy.
+        revision: branch, tag or commit of a Hub model id (None = ``main``).
     """
 
     def __init__(
@@ -118,35 +128,76 @@ class PretrainedSource:
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
         load_in_4bit: bool = False,
+        revision: str | None = None,
     ) -> None:
         text("path", path)
-        self.path = os.path.expanduser(path)
-        self.tokenizer_path = os.path.expanduser(tokenizer_path) if tokenizer_path else self.path
-        for name, folder in (("path", self.path), ("tokenizer_path", self.tokenizer_path)):
-            if not Path(folder).is_dir():
-                raise ConfigError(name, f"model folder {folder!r} does not exist; expected a local HF model folder "
-                                        "(config.json, weights, tokenizer files); nothing is downloaded")
-        if not (Path(self.path) / "config.json").is_file():
-            raise ConfigError("path", f"{self.path!r} is not an HF model folder (no config.json in it)")
+        self.revision = optional(text, "revision", revision)
+        self.name = path
+        self.tokenizer_name = tokenizer_path or path
+        self._folders: dict[str, str | None] = {
+            "path": self._resolve(path, "path", need_weights=True),
+            "tokenizer_path": self._resolve(self.tokenizer_name, "tokenizer_path", need_weights=False),
+        }
+        if self.revision is not None and not any(hub.is_hub_id(n) for n in (self.name, self.tokenizer_name)):
+            raise ConfigError("revision", "only for a Hub model id (path is a local folder); set it to null")
         self.dtype = one_of("dtype", dtype, ("auto", *_DTYPES))
         self.attn_implementation = optional(text, "attn_implementation", attn_implementation)
         self.trust_remote_code = boolean("trust_remote_code", trust_remote_code)
         self.load_in_4bit = boolean("load_in_4bit", load_in_4bit)
 
+    def _resolve(self, name: str, key: str, need_weights: bool) -> str | None:
+        """The local folder of ``name`` (a folder, or a cached Hub id), None = download on first use."""
+        folder = os.path.expanduser(name)
+        if hub.is_hub_id(name):
+            cached = hub.resolve_cached(name, self.revision, key, need_weights=need_weights)
+            if cached is None and hub.is_offline():
+                raise ConfigError(key, hub.not_cached_message(name, self.revision))
+            return cached
+        if not Path(folder).is_dir():
+            raise ConfigError(key, f"model folder {folder!r} does not exist; expected a local HF model folder "
+                                   "(config.json, weights, tokenizer files) or a Hub model id such as "
+                                   "Qwen/Qwen2.5-1.5B-Instruct")
+        if key == "path" and not (Path(folder) / "config.json").is_file():
+            raise ConfigError("path", f"{folder!r} is not an HF model folder (no config.json in it)")
+        return folder
+
+    def folder(self, key: str = "path") -> str:
+        """The local folder of the model (``key="path"``) or the tokenizer; downloads an uncached Hub id."""
+        found = self._folders[key]
+        if found is None:
+            name = self.name if key == "path" else self.tokenizer_name
+            found = hub.download(name, self.revision, key)
+            for other, other_name in (("path", self.name), ("tokenizer_path", self.tokenizer_name)):
+                if other_name == name:
+                    self._folders[other] = found
+        return found
+
+    @property
+    def path(self) -> str | None:
+        """The model's local folder (None: a Hub id not downloaded yet)."""
+        return self._folders["path"]
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        """The tokenizer's local folder (None: a Hub id not downloaded yet)."""
+        return self._folders["tokenizer_path"]
+
     def _require(self, folder: str) -> None:
         if not Path(folder).is_dir():
             raise FileNotFoundError(
-                f"model folder {folder!r} does not exist; PretrainedSource reads local folders only "
-                "(download once with `huggingface-cli download <repo> --local-dir <folder>`)"
+                f"model folder {folder!r} does not exist any more; pass a local folder or a Hub model id "
+                "(fetch it with `hf download <repo>`)"
             )
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        self._require(self.tokenizer_path)
-        tok = load_tokenizer(self.tokenizer_path, trust_remote_code=self.trust_remote_code)
-        return _check_tokenizer(tok, self.tokenizer_path)
+        folder = self.folder("tokenizer_path")
+        self._require(folder)
+        tok = load_tokenizer(folder, trust_remote_code=self.trust_remote_code)
+        return _check_tokenizer(tok, folder)
 
     def causal_lm(self) -> PreTrainedModel:
-        self._require(self.path)
+        folder = self.folder("path")
+        self._require(folder)
         kwargs: dict[str, object] = {"local_files_only": True, "trust_remote_code": self.trust_remote_code,
                                      "dtype": resolve_dtype(self.dtype)}
         if self.attn_implementation is not None:
@@ -155,12 +206,14 @@ class PretrainedSource:
             from tre_lightning.models.quant import load_frozen_4bit
 
             dtype = kwargs.pop("dtype")
-            return load_frozen_4bit(self.path, dtype=torch.bfloat16 if dtype == "auto" else dtype, **kwargs)
-        return AutoModelForCausalLM.from_pretrained(self.path, **kwargs)
+            return load_frozen_4bit(folder, dtype=torch.bfloat16 if dtype == "auto" else dtype, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
 
     def __repr__(self) -> str:
         extra = ", load_in_4bit=True" if self.load_in_4bit else ""
-        return f"PretrainedSource(path={self.path!r}, dtype={self.dtype!r}{extra})"
+        rev = f", revision={self.revision!r}" if self.revision else ""
+        name = self.name if hub.is_hub_id(self.name) else self.path
+        return f"PretrainedSource(path={name!r}{rev}, dtype={self.dtype!r}{extra})"
 
 
 class TinyRandomSource:
