@@ -119,11 +119,14 @@ class TRECLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         from tre_lightning.cli.build import ObjectBuilder, build_run
+        from tre_lightning.training.auto_resume import is_auto, resolve_auto_resume
         from tre_lightning.training.checkpoint_io import check_resume_path
+        from tre_lightning.training.wandb_resume import continue_wandb_runs
 
         config = self.config[self.subcommand] if self.subcommand else self.config
         tree = config.as_dict()
-        check_resume_path(tree.get("ckpt_path"), "ckpt_path")
+        if not is_auto(tree.get("ckpt_path")):
+            check_resume_path(tree.get("ckpt_path"), "ckpt_path")
         trainer = dict(tree.get("trainer") or {})
         callbacks = _items(trainer.pop("callbacks", None), "trainer.callbacks")
         logger = trainer.pop("logger", None)  # None / true: Lightning's default logger; false: none
@@ -136,6 +139,10 @@ class TRECLI(LightningCLI):
                           loggers, extra_callbacks=extra)
         self.config_init = self.config
         self.model, self.trainer, self._run = built.module, built.trainer, built
+        if is_auto(tree.get("ckpt_path")):  # the newest checkpoint of the trainer's ModelCheckpoint folders
+            config.ckpt_path = resolve_auto_resume(tree["ckpt_path"], self.trainer, "ckpt_path")
+            check_resume_path(config.ckpt_path, "ckpt_path")
+        continue_wandb_runs(self.trainer.loggers, config.get("ckpt_path"))
         self.datamodule = None
 
     def _with_data(self) -> None:

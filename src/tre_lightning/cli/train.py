@@ -77,18 +77,29 @@ def run(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
 
     from tre_lightning.cli.logging_setup import setup_logging
+    from tre_lightning.training.auto_resume import is_auto, resolve_auto_resume
     from tre_lightning.training.checkpoint_io import check_resume_path
+    from tre_lightning.training.wandb_resume import continue_wandb_runs
 
     quiet_warnings()
     setup_logging()
     ckpt_path = cfg.get("ckpt_path")
-    check_resume_path(ckpt_path, "ckpt_path")
+    auto = is_auto(ckpt_path)
+    if not auto:
+        check_resume_path(ckpt_path, "ckpt_path")
     L.seed_everything(int(cfg.seed), workers=True)
     built = build(cfg)
     trainer, module, data = built.trainer, built.module, built.datamodule
     output_dir = str(cfg.output_dir)
+    if auto:
+        ckpt_path = resolve_auto_resume(ckpt_path, trainer, "ckpt_path")
+        check_resume_path(ckpt_path, "ckpt_path")
+    continue_wandb_runs(trainer.loggers, ckpt_path)
     if trainer.is_global_zero:
         print(f"[tre-train] run folder: {output_dir}", flush=True)
+        if auto:
+            found = f"resuming from {ckpt_path}" if ckpt_path else "no checkpoint yet, starting fresh"
+            print(f"[tre-train] ckpt_path=auto: {found}", flush=True)
     if cfg.get("validate_first", False) and ckpt_path is None:
         trainer.validate(module, datamodule=data)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
