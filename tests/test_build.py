@@ -52,7 +52,6 @@ def _count_constructions(monkeypatch, classes: list[type]) -> Counter:
 def _config_classes() -> list[type]:
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
 
     from tre_lightning import regularizers as R
     from tre_lightning.callbacks import PMaxMonitor, RunReport, SampleLogger
@@ -61,6 +60,7 @@ def _config_classes() -> list[type]:
     from tre_lightning.tasks import CountdownTask
     from tre_lightning.tasks.guard import RewardGuard
     from tre_lightning.training import OptimConfig, PPOConfig, PPOModule, PromptDataModule, RolloutConfig
+    from tre_lightning.training.csv_logger import ResumableCSVLogger as CSVLogger  # conf/logger/csv.yaml
 
     return [PPOModule, ActorCritic, TinyRandomSource, CountdownTask, R.TREP, R.KLCov, RolloutConfig, PPOConfig,
             OptimConfig, EvalConfig, L.Trainer, PMaxMonitor, SampleLogger, RunReport, ModelCheckpoint,
@@ -90,7 +90,7 @@ def test_tre_lightning_builds_every_object_exactly_once(monkeypatch, tmp_path) -
           enable_progress_bar: false
           enable_model_summary: false
           logger:
-            class_path: lightning.pytorch.loggers.CSVLogger
+            class_path: tre_lightning.training.csv_logger.ResumableCSVLogger
             init_args: {save_dir: logs}
           callbacks:
             - class_path: tre_lightning.callbacks.PMaxMonitor
