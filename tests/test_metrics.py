@@ -10,7 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tre_lightning.evaluation.metrics import MeanReward, PassAtK, eval_metrics, pass_at_k, update_eval_metrics
+from tre_lightning.evaluation.config import EvalConfig
+from tre_lightning.evaluation.metrics import MeanReward, PassAtK, pass_at_k
+from tre_lightning.evaluation.protocol import build_eval_metrics, metric_name, update_eval_metrics
 
 
 @pytest.mark.parametrize(
@@ -87,14 +89,23 @@ def test_mean_reward() -> None:
         assert math.isnan(float(MeanReward().compute()))
 
 
-def test_eval_metrics_collections() -> None:
-    binary = eval_metrics(True, ks=(1, 2), prefix="val/")
-    update_eval_metrics(binary, GRID)
-    out = {k: float(v) for k, v in binary.compute().items()}
-    assert out == pytest.approx({"val/pass@1": (2 / 8 + 1) / 3, "val/pass@2": (13 / 28 + 1) / 3})
-    scalar = eval_metrics(False)
-    update_eval_metrics(scalar, [[1.0, 2.0], [3.0, 6.0]])
-    assert float(scalar.compute()["reward"]) == pytest.approx(3.0)
+def test_the_protocol_metrics_of_binary_and_scalar_tasks() -> None:
+    class Binary:
+        binary_reward = True
+
+    class Scalar:
+        binary_reward = False
+
+    lengths = torch.ones_like(torch.as_tensor(GRID, dtype=torch.float32))
+    binary = build_eval_metrics(Binary(), EvalConfig(n=GRID.shape[1], pass_k=[1, 2]))
+    update_eval_metrics(binary, torch.as_tensor(GRID, dtype=torch.float32), lengths)
+    out = {metric_name(k): float(m.compute()) for k, m in binary.items()}
+    assert out["val/pass@1"] == pytest.approx((2 / 8 + 1) / 3) and out["val/pass@2"] == pytest.approx((13 / 28 + 1) / 3)
+    scalar = build_eval_metrics(Scalar(), EvalConfig(n=2))
+    assert set(scalar) == {"reward", "response_length"}  # no pass@k for a scalar reward
+    update_eval_metrics(scalar, torch.tensor([[1.0, 2.0], [3.0, 6.0]]), torch.tensor([[4.0, 2.0], [1.0, 1.0]]))
+    assert float(scalar["reward"].compute()) == pytest.approx(3.0)
+    assert float(scalar["response_length"].compute()) == pytest.approx(2.0)
 
 
 def test_split_updates_merge_to_the_same_result() -> None:

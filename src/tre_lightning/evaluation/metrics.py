@@ -3,7 +3,7 @@
 Protocol (paper, section 6): 8 samples per test prompt, temperature 1.0,
 top-p 0.7 (the sampling settings live in :class:`tre_lightning.training.config.EvalConfig`,
 ``conf/eval/paper.yaml``). MATH and Countdown report Pass@1 = mean correctness
-over samples and prompts; HH reports the mean reward. :func:`eval_metrics`
+over samples and prompts; HH reports the mean reward. :func:`tre_lightning.evaluation.protocol.build_eval_metrics`
 builds the matching metric collection for a task.
 
 The metrics are torchmetrics whose states are sums and counts reduced with
@@ -136,30 +136,3 @@ class MeanReward(Metric):
         if int(self.count) == 0:
             return torch.tensor(float("nan"), dtype=torch.float64)
         return self.total / self.count
-
-
-def eval_metrics(binary_reward: bool, ks: Iterable[int] = (1,), prefix: str | None = None) -> MetricCollection:
-    """The metrics of the protocol: ``pass@k`` for each k (binary rewards) or ``reward`` (mean).
-
-    Feed them with :func:`update_eval_metrics`.
-    """
-    if binary_reward:
-        metrics: dict[str, Metric] = {f"pass@{k}": PassAtK(k) for k in ks}
-    else:
-        metrics = {"reward": MeanReward()}
-    # compute_groups=False: pass@1 and pass@k states can coincide on the first
-    # batch, and a shared compute group would then stop updating one of them.
-    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
-
-
-def update_eval_metrics(metrics: MetricCollection, rewards: Tensor | Sequence[Sequence[float]]) -> None:
-    """Update every metric with a (prompts, samples) grid of rewards.
-
-    For pass@k a reward counts as correct when it is >= the metric's threshold
-    (1.0: a Countdown format score such as 0.1 is not a pass).
-    """
-    grid = torch.as_tensor(rewards, dtype=torch.float64)
-    if grid.dim() != 2:
-        raise ValueError(f"rewards must be (prompts, samples), got shape {tuple(grid.shape)}")
-    for metric in metrics.values():
-        metric.update(grid)
