@@ -18,10 +18,9 @@ averaged over prompts; for k = 1 it is c / n.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import Metric
 
 
 def pass_at_k(num_samples: Tensor, num_correct: Tensor, k: int) -> Tensor:
