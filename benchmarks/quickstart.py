@@ -73,7 +73,7 @@ def _tre_train() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds to run (none: only --sweep)")
     parser.add_argument("--workdir", type=Path, default=Path("outputs/benchmark_quickstart"),
                         help="run folders, logs and the warm-start cache (default: outputs/benchmark_quickstart)")
     parser.add_argument("--warm-cache", action="store_true",
