@@ -7,15 +7,15 @@
 # time limit (seconds, in brackets), exit code and wall time recorded:
 #   0. CUDA present? If not: prints "gpu_check: no CUDA device ...", writes a summary with
 #      status "no_cuda" and exits 3 (nothing installed, nothing run).
-#   1. install [60]: the wheels in .whl/ (if any) and this checkout, into a private folder
+#   1. install [30]: the wheels in .whl/ (if any) and this checkout, into a private folder
 #      on PYTHONPATH (pip --no-index --no-deps --target; no network, nothing else touched).
 #      The checkout is copied as the installed package would lay it out (src/tre_lightning,
 #      with conf/ and callbacks/ inside), so no build backend is needed.
-#   2. tests [150]: pytest -m gpu on the test files that carry the mark.
-#   3. kernels [100]: benchmarks/regularizers.py --device cuda --dtype bfloat16 (N = 2,048, V = 151,936).
-#   4. ppo [150]: one bf16 PPO iteration (after one warm-up) of a Qwen2.5-0.5B-shaped random model
+#   2. tests [120]: pytest -m gpu on the test files that carry the mark.
+#   3. kernels [90]: benchmarks/regularizers.py --device cuda --dtype bfloat16 (N = 2,048, V = 151,936).
+#   4. ppo [130]: one bf16 PPO iteration (after one warm-up) of a Qwen2.5-0.5B-shaped random model
 #      (benchmarks/gpu_check.py ppo): tokens/s and peak memory.
-#   5. fsdp [120]: the same under ModelParallelStrategy with one device (FSDP2, bf16 mixed precision).
+#   5. fsdp [100]: the same under ModelParallelStrategy with one device (FSDP2, bf16 mixed precision).
 # Then OUTDIR/summary.json, OUTDIR/summary.md and OUTDIR/gpu_check.log (every step's output).
 # Exit 0 when every step passed, 1 otherwise, 3 without CUDA.
 set -u
@@ -63,15 +63,16 @@ install() {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$WORK/gpu_info.txt" 2>/dev/null
 "$PY" -c "import torch, lightning, transformers, platform; print('python', platform.python_version(), '| torch', torch.__version__, '| lightning', lightning.__version__, '| transformers', transformers.__version__, '|', torch.cuda.get_device_name())" >>"$WORK/gpu_info.txt" 2>&1
 
-export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
-step install 60 install
+export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" WORK PY
+export -f install
+step install 30 bash -c install
 mapfile -t GPU_TESTS < <(grep -l "pytest.mark.gpu" tests/*.py tests/*/*.py 2>/dev/null)
-step tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rA "${GPU_TESTS[@]}"
+step tests 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rA "${GPU_TESTS[@]}"
 grep -E "(PASSED|FAILED|SKIPPED|ERROR|passed|failed|skipped|error)" "$LOG" | tail -n 20 >"$WORK/tests_tail.txt"
-step kernels 100 "$PY" benchmarks/regularizers.py --device cuda --dtype bfloat16 --positions 2048 --vocab 151936 \
+step kernels 90 "$PY" benchmarks/regularizers.py --device cuda --dtype bfloat16 --positions 2048 --vocab 151936 \
   --json "$WORK/regularizers.json"
-step ppo 150 "$PY" benchmarks/gpu_check.py ppo --json "$WORK/ppo.json"
-step fsdp 120 "$PY" benchmarks/gpu_check.py fsdp --json "$WORK/fsdp.json"
+step ppo 130 "$PY" benchmarks/gpu_check.py ppo --json "$WORK/ppo.json"
+step fsdp 100 "$PY" benchmarks/gpu_check.py fsdp --json "$WORK/fsdp.json"
 
 "$PY" benchmarks/gpu_check.py summary --work "$WORK" --out "$OUTDIR"
 status=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['status'])" "$OUTDIR/summary.json")
