@@ -77,6 +77,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
 
     from tre_lightning.training.checkpoint_io import check_resume_path
+    from tre_lightning.training.data import check_prompt_lengths
 
     quiet_warnings()
     ckpt_path = cfg.get("ckpt_path")
@@ -84,6 +85,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(int(cfg.seed), workers=True)
     built = build(cfg)
     trainer, module, data = built.trainer, built.module, built.datamodule
+    check_prompt_lengths(data)
     output_dir = str(cfg.output_dir)
     if trainer.is_global_zero:
         print(f"[tre-train] run folder: {output_dir}", flush=True)

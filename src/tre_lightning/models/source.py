@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tre_lightning.checks import ConfigError, boolean, one_of, optional, text
+from tre_lightning.models.folder_checks import check_model_folder
 from tre_lightning.models.tiny import DEFAULT_CHARS, char_tokenizer, tiny_qwen2_config
 
 __all__ = ["ModelSource", "PretrainedSource", "TinyRandomSource", "load_tokenizer", "resolve_dtype"]
@@ -132,6 +133,7 @@ class PretrainedSource:
         self.attn_implementation = optional(text, "attn_implementation", attn_implementation)
         self.trust_remote_code = boolean("trust_remote_code", trust_remote_code)
         self.load_in_4bit = boolean("load_in_4bit", load_in_4bit)
+        check_model_folder(self.path, "path", self.trust_remote_code)
 
     def _require(self, folder: str) -> None:
         if not Path(folder).is_dir():

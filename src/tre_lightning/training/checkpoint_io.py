@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -124,15 +125,49 @@ def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
     return items
 
 
+def _checkpoint_problem(path: Path) -> str | None:
+    """Why the local ``path`` cannot be a checkpoint to resume from, or None (reads only the zip directory).
+
+    A ``torch.save`` file is a zip archive whose directory (at the end of the
+    file) lists ``<name>/data.pkl``: an empty, truncated or foreign file has
+    no readable directory. A folder must be a distributed checkpoint
+    (``torch.distributed.checkpoint`` writes a ``.metadata`` file).
+    """
+    if path.is_dir():
+        if (path / ".metadata").is_file():
+            return None
+        return "is a folder, not a checkpoint (a .ckpt file, or a distributed checkpoint folder with .metadata)"
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "is an empty file, not a checkpoint (a .ckpt file written by the trainer)"
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile:
+        return (f"is not a readable checkpoint ({size} bytes: truncated, or not written by torch.save; "
+                "resume from an earlier .ckpt)")
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+        return "is a zip archive but not a torch checkpoint (no data.pkl in it)"
+    return None
+
+
 def check_resume_path(path: Any, key: str) -> None:
     """Refuse a resume path that cannot be a checkpoint (before anything is built).
 
     Lightning's special values (``last``, ``best``, ``hpc``, ``registry``) and
-    remote URLs pass; a local path must exist.
+    remote URLs pass; a local path must exist and be a complete ``torch.save``
+    file (or a distributed checkpoint folder). Cost: the file's zip directory
+    is read, not its tensors.
     """
     from tre_lightning.checks import ConfigError
 
     if path is None or str(path) in ("last", "best", "hpc", "registry") or "://" in str(path):
         return
-    if not Path(str(path)).expanduser().exists():
+    local = Path(str(path)).expanduser()
+    if not local.exists():
         raise ConfigError(key, f"checkpoint {str(path)!r} does not exist (a .ckpt file to resume from, or null)")
+    problem = _checkpoint_problem(local)
+    if problem is not None:
+        raise ConfigError(key, f"{str(path)!r} {problem}")
