@@ -266,3 +266,22 @@ def test_processes_print_one_line_and_exit_2(case_id: str, tmp_path) -> None:
     assert last.startswith(f"{prog}: error: {kind}: ")
     _assert_clear(last, key, case.says)
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args", [["foo=1"], pytest.param(["regularizers=nope"], marks=_SLOW),
+                                  pytest.param(["trainer.bogus=1"], marks=_SLOW)],
+                         ids=["unknown key", "unknown group option", "key that needs +"])
+def test_hydra_composition_errors_exit_2(args: list[str], tmp_path) -> None:
+    """Hydra's own refusals (before the run starts) are configuration errors: status 2, no traceback.
+
+    Checked against the mutant ``hydra_exit_status = lambda code, started: code`` (they exit 1 there).
+    """
+    import subprocess
+
+    proc = subprocess.run([*_script("tre-train"), *args, f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("tre-train: error: invalid configuration: Hydra could not "
+                                                     "compose the config (its message is above)")
+    assert "nope" in proc.stderr or "bogus" in proc.stderr or "foo" in proc.stderr

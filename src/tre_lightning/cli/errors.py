@@ -9,6 +9,14 @@
   vLLM engine, bitsandbytes for 4-bit models or 8-bit AdamW): its message,
   exit status 1. The error may arrive wrapped, so the cause/context chain is
   searched.
+
+Exit statuses of ``tre-train`` and ``tre-lightning``: 0 success (and
+``--help``); 2 a refused configuration or data, including the errors Hydra
+reports itself while composing ``tre-train``'s config (an unknown key, an
+unknown group option, a key that needs ``+``: Hydra's own message, a few lines
+without a traceback, then one line of ours) and jsonargparse's parse errors of
+``tre-lightning``; 1 a missing extra, or an error while the run is going (a
+traceback).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-__all__ = ["CONFIG_EXIT", "EXTRA_EXIT", "exit_on_error", "missing_extra"]
+__all__ = ["CONFIG_EXIT", "EXTRA_EXIT", "exit_on_error", "hydra_exit_status", "missing_extra"]
 
 CONFIG_EXIT = 2
 """Exit status for a refused configuration or data."""
@@ -38,6 +46,12 @@ def missing_extra(err: BaseException) -> BaseException | None:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
+
+
+def hydra_exit_status(code: object, started: bool) -> object:
+    """The exit status of a ``SystemExit(code)`` from ``hydra.main``: Hydra's own failure before the run
+    started (status 1: composing the config failed) is a configuration error, :data:`CONFIG_EXIT`."""
+    return CONFIG_EXIT if code == 1 and not started else code
 
 
 @contextlib.contextmanager
