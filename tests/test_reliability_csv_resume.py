@@ -34,7 +34,7 @@ def _fit(folder: Path, max_steps: int, ckpt_path: str | None = None) -> None:
 def test_resume_into_the_same_folder_appends_and_logs_every_step_once(tmp_path) -> None:
     """k steps, a step the "killed" run logged after its checkpoint, resume from step k, N - k steps.
 
-    Checked against Lightning's ``CSVLogger`` (the mutant: ``conf/logger/csv.yaml`` before issue 15), which
+    Checked against Lightning's behaviour (the mutant without the ``_check_log_dir_exists`` override), which
     deletes ``metrics.csv`` when the resumed run's writer starts (only the resumed steps remain), and against
     appending without dropping the rows of the re-run step (step K + 1 twice).
     """

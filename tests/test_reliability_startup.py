@@ -285,3 +285,37 @@ def test_hydra_composition_errors_exit_2(args: list[str], tmp_path) -> None:
     assert proc.stderr.strip().splitlines()[-1] == ("tre-train: error: invalid configuration: Hydra could not "
                                                      "compose the config (its message is above)")
     assert "nope" in proc.stderr or "bogus" in proc.stderr or "foo" in proc.stderr
+
+
+EVAL_CASES = [
+    ("missing checkpoint", lambda tmp: ["--checkpoint", str(tmp / "nope.ckpt")], "--checkpoint", "does not exist"),
+    ("truncated checkpoint", lambda tmp: ["--checkpoint", str(ckpt_truncated(tmp))], "--checkpoint",
+     "truncated, or not written by torch.save"),
+    ("checkpoint folder", lambda tmp: ["--checkpoint", str(ckpt_folder(tmp))], "--checkpoint",
+     "is a folder, not a checkpoint"),
+    ("missing model", lambda tmp: ["--model", str(tmp / "no_model")], "--model", "does not exist"),
+    ("model with truncated weights", lambda tmp: ["--model", str(model_truncated_weights(tmp))], "--model",
+     "(truncated: copy or download it again)"),
+]
+
+
+@pytest.mark.parametrize(("name", "source", "key", "says"), EVAL_CASES, ids=[c[0] for c in EVAL_CASES])
+def test_tre_eval_refuses_in_one_line_with_status_2(name, source, key, says, spy, tmp_path,  # noqa: F811
+                                                    capsys) -> None:
+    """``tre-eval`` (its ``main``, what the console script runs): one line on stderr, status 2, no model built.
+
+    Before issue 15 each was a traceback (FileNotFoundError, PytorchStreamReader, IsADirectoryError,
+    SafetensorsError); checked against the mutant with both calls of ``check_sources`` removed (all 5 fail).
+    """
+    from tre_lightning.cli.evaluate import main
+
+    args = source(tmp_path)
+    spy.calls.clear()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--task", "countdown", "--device", "cpu"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"tre-eval: error: invalid configuration: {key}: "), err
+    assert says in err
+    assert not any(c.startswith("model ") for c in spy.calls)
