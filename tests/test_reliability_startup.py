@@ -283,7 +283,8 @@ def test_hydra_composition_errors_exit_2(args: list[str], tmp_path) -> None:
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == ("tre-train: error: invalid configuration: Hydra could not "
-                                                     "compose the config (its message is above)")
+                                                     "compose the config or create the run folder (its message "
+                                                     "is above)")
     assert "nope" in proc.stderr or "bogus" in proc.stderr or "foo" in proc.stderr
 
 
@@ -319,3 +320,61 @@ def test_tre_eval_refuses_in_one_line_with_status_2(name, source, key, says, spy
     assert len(err.splitlines()) == 1 and err.startswith(f"tre-eval: error: invalid configuration: {key}: "), err
     assert says in err
     assert not any(c.startswith("model ") for c in spy.calls)
+
+
+@pytest.mark.parametrize("failure", ["full disk (torch's message)", "ENOSPC", "read-only folder"])
+def test_a_checkpoint_that_cannot_be_written_is_one_line(failure: str, tmp_path, monkeypatch, capsys) -> None:
+    """A full disk or a read-only run folder while saving: one line naming the path and the cause, status 2,
+    and the previous checkpoint intact.
+
+    Checked against the mutant ``_write_failure = lambda err, path: None`` (torch's "unexpected pos 64 vs 0"
+    and the raw OSError come through, and ``exit_on_error`` re-raises them).
+    """
+    import errno
+
+    from tre_lightning.cli.errors import exit_on_error
+    from tre_lightning.training import checkpoint_io
+
+    target = tmp_path / "last.ckpt"
+    checkpoint_io.atomic_save({"step": 1}, target)
+    if failure == "read-only folder":
+        def fail(*args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        monkeypatch.setattr(checkpoint_io.tempfile, "mkstemp", fail)
+        why = "read-only file system (EROFS)"
+    else:
+        def fail(obj, file, target):
+            file.write(b"x" * 64)
+            if failure == "ENOSPC":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+        monkeypatch.setattr(checkpoint_io, "_dump", fail)
+        monkeypatch.setattr(checkpoint_io, "_free_bytes", lambda folder: 4096)
+        why = "no space left on the device (ENOSPC)"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info, exit_on_error("tre-train"):
+        try:
+            checkpoint_io.AtomicCheckpointIO().save_checkpoint({"step": 2}, str(target))
+        except Exception as err:  # Lightning's loop re-raises it wrapped in nothing; a wrapper must not matter
+            raise RuntimeError("while saving") from err
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("tre-train: error: cannot write the checkpoint "), err
+    assert str(target) in err and why in err and "Traceback" not in err
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_a_failed_write_with_space_left_is_not_called_a_full_disk(tmp_path, monkeypatch) -> None:
+    """Control: another error while saving (plenty of space) keeps its own type and message."""
+    from tre_lightning.training import checkpoint_io
+
+    def fail(obj, file, target):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(checkpoint_io, "_dump", fail)
+    monkeypatch.setattr(checkpoint_io, "_free_bytes", lambda folder: 10 << 30)
+    with pytest.raises(RuntimeError, match="^something else$"):
+        checkpoint_io.atomic_save({"step": 2}, tmp_path / "last.ckpt")

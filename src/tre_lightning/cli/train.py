@@ -119,7 +119,10 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path="pkg://tre_lightning.conf", config_name="train")
     def _main(cfg: DictConfig) -> None:
+        import logging
+
         started.append(True)
+        logging.raiseExceptions = False  # a full disk: one line (the checkpoint's), not a traceback per log record
         with exit_on_error("tre-train"):
             run(cfg)
 
@@ -128,8 +131,8 @@ def main() -> None:
     except SystemExit as exit_:
         code = hydra_exit_status(exit_.code, started=bool(started))
         if code != exit_.code:
-            print("tre-train: error: invalid configuration: Hydra could not compose the config (its message "
-                  "is above)", file=sys.stderr, flush=True)
+            print("tre-train: error: invalid configuration: Hydra could not compose the config or create "
+                  "the run folder (its message is above)", file=sys.stderr, flush=True)
         raise SystemExit(code) from None
 
 

@@ -25,6 +25,7 @@ distributed (sharded) FSDP2 checkpoint is a folder written by
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 import zipfile
@@ -37,7 +38,13 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "atomic_save", "check_resume_path", "with_atomic_checkpoint_io"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointWriteError",
+    "atomic_save",
+    "check_resume_path",
+    "with_atomic_checkpoint_io",
+]
 
 _TMP_SUFFIX = ".tmp"
 
@@ -66,6 +73,45 @@ def _stale_temps(path: Path) -> list[Path]:
     return list(path.parent.glob(f".{path.name}.*{_TMP_SUFFIX}"))
 
 
+_LOW_SPACE = 1 << 20  # bytes: a failed write with less free space than this was the disk filling up
+_WHY = {errno.ENOSPC: "no space left on the device (ENOSPC)", errno.EDQUOT: "disk quota exceeded (EDQUOT)",
+        errno.EROFS: "the folder is on a read-only file system (EROFS)", errno.EACCES: "permission denied (EACCES)",
+        errno.EPERM: "permission denied (EPERM)"}
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, read-only folder); the previous file is intact.
+
+    Its message is one line: the path, what happened and that nothing was lost.
+    """
+
+
+def _free_bytes(folder: Path) -> int:
+    """Free bytes on ``folder``'s file system (a seam for tests)."""
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
+
+
+def _write_failure(err: BaseException, path: Path) -> CheckpointWriteError | None:
+    """The one-line error for a failed write of ``path``, or None when it is not a disk / permission problem.
+
+    torch's zip writer loses the ``errno`` of a full disk ("unexpected pos 64 vs 0"), so a failure
+    while little space is left counts as ENOSPC; call this before the partial file is removed.
+    """
+    code = err.errno if isinstance(err, OSError) else None
+    if code not in _WHY:
+        try:
+            full = _free_bytes(path.parent) < _LOW_SPACE
+        except OSError:
+            full = False
+        if not full:
+            return None
+        code = errno.ENOSPC
+    return CheckpointWriteError(code, f"cannot write the checkpoint {str(path)!r}: {_WHY[code]}; the previous "
+                                      "checkpoint (if any) is intact, free space or choose another folder and "
+                                      "resume from it")
+
+
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save(obj, path)`` that is all-or-nothing under crashes.
 
@@ -75,11 +121,14 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     left by an earlier killed save of the same ``path`` are removed first.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in _stale_temps(path):
-        with contextlib.suppress(OSError):
-            stale.unlink()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in _stale_temps(path):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    except OSError as err:
+        raise (_write_failure(err, path) or err) from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as file:
@@ -87,9 +136,12 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        failure = _write_failure(err, path) if isinstance(err, Exception) else None
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if failure is not None:
+            raise failure from None
         raise
     _fsync_dir(path.parent)
 
