@@ -82,3 +82,36 @@ def test_value_clip_is_centred_on_the_old_values() -> None:
     per_token = 0.5 * torch.maximum((current - ret) ** 2, (clipped - ret) ** 2)
     torch.testing.assert_close(loss, (per_token * mask).sum() / mask.sum(), rtol=1e-5, atol=1e-6)
     assert stats.result()["value/clipfrac"] > 0
+
+
+def test_policy_pass_divides_the_logits_by_the_rollout_temperature() -> None:
+    """With rollout temperature 0.5 and the actor not yet moved, the policy pass's log-probs equal the
+    behaviour log-probs (ratio 1, approx KL 0), and its P̄max is the hand-computed one of softmax(logits / 0.5).
+
+    Checked against the mutant that calls ``model.policy_logits(..., 1.0)`` in ``policy_loss.py`` (the
+    un-temperatured logits): it fails (no module test used a temperature other than 1).
+    """
+    from tre_lightning.training.policy_loss import policy_loss
+
+    temperature = 0.5
+    learner, rollout = _learner_and_rollout(whiten_advantages=False)
+    learner.rollout = dataclasses.replace(learner.rollout, temperature=temperature)
+    exp, _ = learner.experience(rollout, torch.tensor([1.0, 0.0, 0.5, 2.0]), Runtime())
+    mask = rollout.response_mask.float()
+    stats = RunningMeans()
+    with torch.no_grad():
+        policy_loss(learner.model, exp, [], learner.ppo, temperature, mask.sum(), stats, float(mask.sum()))
+    metrics = stats.result()
+    assert abs(metrics["policy/approx_kl"]) < 1e-6
+    # P̄max by hand from the actor's own forward pass (no tre_lightning code)
+    ids = torch.cat([rollout.prompt_ids, rollout.response_ids], 1)
+    att = torch.cat([rollout.prompt_mask, rollout.response_mask], 1)
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    width = rollout.response_ids.shape[1]
+    with torch.no_grad():
+        logits = learner.model.actor(input_ids=ids, attention_mask=att, position_ids=pos).logits
+    probs = torch.softmax(logits[:, -width - 1 : -1].float() / temperature, -1).amax(-1)
+    want = float((probs * mask).sum() / mask.sum())
+    untempered = float((torch.softmax(logits[:, -width - 1 : -1].float(), -1).amax(-1) * mask).sum() / mask.sum())
+    assert abs(want - untempered) > 1e-3  # the temperature matters here
+    assert abs(metrics["policy/p_max"] - want) < 1e-5
