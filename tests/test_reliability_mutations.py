@@ -115,3 +115,47 @@ def test_policy_pass_divides_the_logits_by_the_rollout_temperature() -> None:
     untempered = float((torch.softmax(logits[:, -width - 1 : -1].float(), -1).amax(-1) * mask).sum() / mask.sum())
     assert abs(want - untempered) > 1e-3  # the temperature matters here
     assert abs(metrics["policy/p_max"] - want) < 1e-5
+
+
+def test_resume_replays_the_global_rng_that_user_code_draws_between_iterations(tmp_path) -> None:
+    """A callback that draws from torch's, Python's and NumPy's global RNGs after every iteration sees the
+    same numbers in a run resumed after step k as in the uninterrupted run, and the run samples the same.
+
+    Checked against the mutant ``ResumeState.load_state_dict`` that drops the checkpointed RNG states
+    (``self._pending = None``): it fails (Python's and NumPy's streams restart after the resume).
+    """
+    import random
+
+    import numpy as np
+    from lightning.pytorch import Callback
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from test_module_resume import _module
+    from test_module_support import fit, trainer
+
+    class Draw(Callback):
+        def __init__(self) -> None:
+            self.draws: list[tuple[float, float, float]] = []
+            self.rewards: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.rewards.append(outputs["metrics"]["reward/mean"])
+            self.draws.append((float(torch.rand(())), random.random(), float(np.random.rand())))
+
+    def run(folder, max_steps, draw, ckpt_path=None) -> None:
+        checkpoint = ModelCheckpoint(dirpath=folder / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=-1)
+        fit(trainer(folder, max_steps=max_steps, callbacks=[draw, checkpoint], enable_checkpointing=True),
+            _module(), ckpt_path=ckpt_path)
+
+    import lightning as L
+
+    L.seed_everything(7)
+    straight = Draw()
+    run(tmp_path / "a", 3, straight)
+    L.seed_everything(7)
+    resumed = Draw()
+    run(tmp_path / "b", 1, resumed)
+    random.random(), np.random.rand(), torch.rand(())  # the process goes on drawing before the resume
+    run(tmp_path / "b", 3, resumed, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert len(straight.draws) == 3
+    assert resumed.rewards == straight.rewards
+    assert resumed.draws == straight.draws
