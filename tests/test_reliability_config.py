@@ -316,8 +316,8 @@ def test_bad_config_lightning_cli(case: Case, spy: _Spy, cli_config, monkeypatch
 
 
 TRAINER_CASES = [
-    Case("trainer.max_steps=-5", ["trainer.max_steps=-5"], ["--trainer.max_steps=-5"], "trainer",
-         "must be a non-negative integer or -1", cli_key="trainer"),
+    Case("trainer.max_steps=-5", ["trainer.max_steps=-5"], ["--trainer.max_steps=-5"], "trainer.max_steps",
+         "must be an int >= -1 (PPO iterations; -1: no limit) or null, got -5", cli_key="trainer.max_steps"),
     Case("callback argument out of range", ["callbacks.samples.every_n_steps=0"],
          ["--trainer.callbacks+=tre_lightning.callbacks.SampleLogger", "--trainer.callbacks.every_n_steps=0"],
          "callbacks.samples.every_n_steps", "must be an int >= 1, got 0", cli_key="trainer.callbacks[0].every_n_steps"),

@@ -34,7 +34,7 @@ from tre_lightning.evaluation.config import EvalConfig
 from tre_lightning.evaluation.protocol import evaluate
 from tre_lightning.tasks.base import Task
 
-__all__ = ["format_table", "load_actor", "main", "run"]
+__all__ = ["check_sources", "format_table", "load_actor", "main", "run"]
 
 
 def load_actor(checkpoint: str | None = None, model: str | None = None, dtype: str = "auto",
@@ -46,9 +46,8 @@ def load_actor(checkpoint: str | None = None, model: str | None = None, dtype: s
 
     if (checkpoint is None) == (model is None):
         raise ValueError("give exactly one of checkpoint (a .ckpt of PPOModule) or model (an HF model folder)")
+    check_sources(checkpoint, model)
     if model is not None:
-        if not Path(model).expanduser().is_dir():
-            raise FileNotFoundError(f"HF model folder {model!r} does not exist")
         folder = str(Path(model).expanduser())
         actor = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=resolve_dtype(dtype))
         tokenizer = load_tokenizer(folder)
@@ -60,22 +59,46 @@ def load_actor(checkpoint: str | None = None, model: str | None = None, dtype: s
     return actor.to(device).eval(), tokenizer
 
 
+def check_sources(checkpoint: str | None, model: str | None) -> None:
+    """Refuse a missing, truncated or foreign checkpoint or model folder before anything is loaded.
+
+    Raises:
+        ConfigError: keyed ``--checkpoint`` or ``--model``, naming the path and what is wrong.
+    """
+    from tre_lightning.checks import ConfigError
+    from tre_lightning.models.folder_checks import check_model_folder
+    from tre_lightning.training.checkpoint_io import check_resume_path
+
+    if checkpoint is not None:
+        if not Path(checkpoint).expanduser().exists():
+            raise ConfigError("--checkpoint", f"{checkpoint!r} does not exist (a .ckpt written while training)")
+        check_resume_path(str(Path(checkpoint).expanduser()), "--checkpoint")
+        if Path(checkpoint).expanduser().is_dir():
+            raise ConfigError("--checkpoint", f"{checkpoint!r} is a folder: a distributed (sharded) checkpoint. "
+                                              "Evaluate the exported HF model (--model <run>/hf_model) or save a "
+                                              "consolidated checkpoint")
+    if model is not None:
+        folder = Path(model).expanduser()
+        if not (folder / "config.json").is_file():
+            what = "does not exist" if not folder.exists() else "is not an HF model folder (no config.json in it)"
+            raise ConfigError("--model", f"{model!r} {what} (an HF model folder, e.g. <run>/hf_model)")
+        check_model_folder(folder, "--model")
+
+
 def _actor_from_checkpoint(path: str, dtype: str) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from tre_lightning.models.source import load_tokenizer
 
+    from tre_lightning.checks import ConfigError
+
     p = Path(path).expanduser()
-    if p.is_dir():
-        raise ValueError(
-            f"{path} is a folder: a distributed (sharded) checkpoint. Evaluate the exported HF model "
-            "(--model <run>/hf_model) or save a consolidated checkpoint"
-        )
     ckpt = torch.load(p, map_location="cpu", weights_only=True)
     state = ckpt.get("tre_lightning")
     if not state or state.get("actor_config") is None:
-        raise ValueError(f"{path} is not a PPOModule checkpoint (no tre_lightning/actor_config entry)")
+        raise ConfigError("--checkpoint", f"{path} is not a PPOModule checkpoint (no tre_lightning/actor_config "
+                                          "entry)")
     cfg_dict = dict(state["actor_config"])
     config = CONFIG_MAPPING[cfg_dict.pop("model_type")].from_dict(cfg_dict)
     actor = AutoModelForCausalLM.from_config(config)
@@ -84,7 +107,7 @@ def _actor_from_checkpoint(path: str, dtype: str) -> tuple[nn.Module, Any]:
     actor.load_state_dict(weights, strict=False)
     missing = [k for k in actor.state_dict() if k not in weights and not _tied(actor, k)]
     if missing:
-        raise ValueError(f"the checkpoint lacks actor weights: {missing[:5]}")
+        raise ConfigError("--checkpoint", f"{path} lacks actor weights: {missing[:5]}")
     if dtype != "auto":
         from tre_lightning.models.source import resolve_dtype
 
@@ -171,6 +194,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
                          seed=args.seed, max_examples=args.max_examples)
     except ValueError as err:
         raise SystemExit(f"tre-eval: {err}") from err
+    check_sources(args.checkpoint, args.model)  # before the engine, the task and the models: exit status 2
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     engine = None
     if args.engine == "vllm":  # built first: a missing vLLM / GPU stops here, before any loading

@@ -112,10 +112,15 @@ class TRECLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - LightningCLI signature
         from argparse import ArgumentError
 
+        from tre_lightning.training.checkpoint_io import check_resume_path
+
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
             raise parse_error(str(err)) from None
+        subcommand = self.config.get("subcommand")
+        if subcommand:  # before LightningCLI reads the checkpoint's hyperparameters (torch.load of the file)
+            check_resume_path(self.config[subcommand].get("ckpt_path"), "ckpt_path")
 
     def instantiate_classes(self) -> None:
         from tre_lightning.cli.build import ObjectBuilder, build_run
@@ -146,7 +151,14 @@ class TRECLI(LightningCLI):
         self.datamodule = None
 
     def _with_data(self) -> None:
+        from tre_lightning.checks import ConfigError
+        from tre_lightning.training.data import check_prompt_lengths
+
         self.datamodule = self._run.datamodule  # reads the tokenizer: only when a subcommand runs
+        try:
+            check_prompt_lengths(self.datamodule)
+        except ConfigError as err:
+            raise err.under("model") from None
 
     before_fit = before_validate = before_test = before_predict = _with_data
 

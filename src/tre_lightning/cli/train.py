@@ -19,6 +19,7 @@ one after another in this process; launch multi-device runs with
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 from typing import Any
 
@@ -79,6 +80,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from tre_lightning.cli.logging_setup import setup_logging
     from tre_lightning.training.auto_resume import is_auto, resolve_auto_resume
     from tre_lightning.training.checkpoint_io import check_resume_path
+    from tre_lightning.training.data import check_prompt_lengths
     from tre_lightning.training.wandb_resume import continue_wandb_runs
 
     quiet_warnings()
@@ -90,6 +92,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(int(cfg.seed), workers=True)
     built = build(cfg)
     trainer, module, data = built.trainer, built.module, built.datamodule
+    check_prompt_lengths(data)
     output_dir = str(cfg.output_dir)
     if auto:
         ckpt_path = resolve_auto_resume(ckpt_path, trainer, "ckpt_path")
@@ -114,17 +117,36 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 
 def main() -> None:
-    """Console entry point ``tre-train`` (Hydra parses the command line)."""
+    """Console entry point ``tre-train`` (Hydra parses the command line).
+
+    Hydra reports its own errors (an unknown key, an unknown group option, a
+    missing ``+``) with exit status 1 before the run starts; they are
+    configuration errors, so they exit with status 2 like ours
+    (:func:`tre_lightning.cli.errors.hydra_exit_status`).
+    """
     import hydra
+
+    from tre_lightning.cli.errors import exit_on_error, hydra_exit_status
+
+    started: list[bool] = []
 
     @hydra.main(version_base="1.3", config_path="pkg://tre_lightning.conf", config_name="train")
     def _main(cfg: DictConfig) -> None:
-        from tre_lightning.cli.errors import exit_on_error
+        import logging
 
+        started.append(True)
+        logging.raiseExceptions = False  # a full disk: one line (the checkpoint's), not a traceback per log record
         with exit_on_error("tre-train"):
             run(cfg)
 
-    _main()
+    try:
+        _main()
+    except SystemExit as exit_:
+        code = hydra_exit_status(exit_.code, started=bool(started))
+        if code != exit_.code:
+            print("tre-train: error: invalid configuration: Hydra could not compose the config or create "
+                  "the run folder (its message is above)", file=sys.stderr, flush=True)
+        raise SystemExit(code) from None
 
 
 if __name__ == "__main__":

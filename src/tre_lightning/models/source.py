@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from tre_lightning.checks import ConfigError, boolean, one_of, optional, text
 from tre_lightning.models import hub
+from tre_lightning.models.folder_checks import check_model_folder
 from tre_lightning.models.tiny import DEFAULT_CHARS, char_tokenizer, tiny_qwen2_config
 
 __all__ = ["ModelSource", "PretrainedSource", "TinyRandomSource", "load_tokenizer", "resolve_dtype"]
@@ -144,6 +145,8 @@ class PretrainedSource:
         self.attn_implementation = optional(text, "attn_implementation", attn_implementation)
         self.trust_remote_code = boolean("trust_remote_code", trust_remote_code)
         self.load_in_4bit = boolean("load_in_4bit", load_in_4bit)
+        if self.path is not None:  # a local folder or a cached snapshot (a download is checked in folder())
+            check_model_folder(self.path, "path", self.trust_remote_code)
 
     def _resolve(self, name: str, key: str, need_weights: bool) -> str | None:
         """The local folder of ``name`` (a folder, or a cached Hub id), None = download on first use."""
@@ -167,6 +170,8 @@ class PretrainedSource:
         if found is None:
             name = self.name if key == "path" else self.tokenizer_name
             found = hub.download(name, self.revision, key)
+            if key == "path":
+                check_model_folder(found, "path", self.trust_remote_code)
             for other, other_name in (("path", self.name), ("tokenizer_path", self.tokenizer_name)):
                 if other_name == name:
                     self._folders[other] = found

@@ -147,6 +147,7 @@ def load_rows(
         for row, record in iter_records(file):
             if not isinstance(record, dict):
                 raise DataError(f"expected an object, got {type(record).__name__}", file=file, row=row)
+            _check_text(record, file, row)
             clean = dict(record)
             for column, validate in columns.items():
                 if column not in record:
@@ -168,6 +169,39 @@ def load_rows(
     if not out:
         raise DataError("no rows (empty split)", file=path)
     return out
+
+
+def _bad_text(value: Any) -> str | None:
+    """The first string inside ``value`` (nested lists / objects) that is not valid Unicode text, or None.
+
+    JSON's ``\\ud800`` escapes decode to lone surrogates, which no tokenizer
+    (and no UTF-8 file) accepts.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value
+        return None
+    if isinstance(value, Mapping):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list | tuple):
+        for item in value:
+            if (bad := _bad_text(item)) is not None:
+                return bad
+    return None
+
+
+def _check_text(record: Mapping[str, Any], file: Path, row: str) -> None:
+    """Refuse a record with a string that is not valid Unicode text, naming its column."""
+    for column, value in record.items():
+        bad = _bad_text([column, value])
+        if bad is None:
+            continue
+        at = next(i for i, ch in enumerate(bad) if 0xD800 <= ord(ch) <= 0xDFFF)
+        raise DataError(f"not valid text: a lone surrogate {bad[at]!r} at character {at} (JSON escapes "
+                        "\\ud800-\\udfff must come in pairs)", file=file, row=row,
+                        column=str(column).encode("utf-8", "backslashreplace").decode())
 
 
 def _validated(validate: Validator, value: Any, file: Path, row: str, column: str) -> Any:

@@ -25,8 +25,10 @@ distributed (sharded) FSDP2 checkpoint is a folder written by
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,13 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "atomic_save", "check_resume_path", "with_atomic_checkpoint_io"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointWriteError",
+    "atomic_save",
+    "check_resume_path",
+    "with_atomic_checkpoint_io",
+]
 
 _TMP_SUFFIX = ".tmp"
 
@@ -65,6 +73,45 @@ def _stale_temps(path: Path) -> list[Path]:
     return list(path.parent.glob(f".{path.name}.*{_TMP_SUFFIX}"))
 
 
+_LOW_SPACE = 1 << 20  # bytes: a failed write with less free space than this was the disk filling up
+_WHY = {errno.ENOSPC: "no space left on the device (ENOSPC)", errno.EDQUOT: "disk quota exceeded (EDQUOT)",
+        errno.EROFS: "the folder is on a read-only file system (EROFS)", errno.EACCES: "permission denied (EACCES)",
+        errno.EPERM: "permission denied (EPERM)"}
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, read-only folder); the previous file is intact.
+
+    Its message is one line: the path, what happened and that nothing was lost.
+    """
+
+
+def _free_bytes(folder: Path) -> int:
+    """Free bytes on ``folder``'s file system (a seam for tests)."""
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
+
+
+def _write_failure(err: BaseException, path: Path) -> CheckpointWriteError | None:
+    """The one-line error for a failed write of ``path``, or None when it is not a disk / permission problem.
+
+    torch's zip writer loses the ``errno`` of a full disk ("unexpected pos 64 vs 0"), so a failure
+    while little space is left counts as ENOSPC; call this before the partial file is removed.
+    """
+    code = err.errno if isinstance(err, OSError) else None
+    if code not in _WHY:
+        try:
+            full = _free_bytes(path.parent) < _LOW_SPACE
+        except OSError:
+            full = False
+        if not full:
+            return None
+        code = errno.ENOSPC
+    return CheckpointWriteError(code, f"cannot write the checkpoint {str(path)!r}: {_WHY[code]}; the previous "
+                                      "checkpoint (if any) is intact, free space or choose another folder and "
+                                      "resume from it")
+
+
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save(obj, path)`` that is all-or-nothing under crashes.
 
@@ -74,11 +121,14 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     left by an earlier killed save of the same ``path`` are removed first.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in _stale_temps(path):
-        with contextlib.suppress(OSError):
-            stale.unlink()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in _stale_temps(path):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    except OSError as err:
+        raise (_write_failure(err, path) or err) from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as file:
@@ -86,9 +136,12 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        failure = _write_failure(err, path) if isinstance(err, Exception) else None
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if failure is not None:
+            raise failure from None
         raise
     _fsync_dir(path.parent)
 
@@ -124,15 +177,49 @@ def with_atomic_checkpoint_io(plugins: Any) -> list[Any]:
     return items
 
 
+def _checkpoint_problem(path: Path) -> str | None:
+    """Why the local ``path`` cannot be a checkpoint to resume from, or None (reads only the zip directory).
+
+    A ``torch.save`` file is a zip archive whose directory (at the end of the
+    file) lists ``<name>/data.pkl``: an empty, truncated or foreign file has
+    no readable directory. A folder must be a distributed checkpoint
+    (``torch.distributed.checkpoint`` writes a ``.metadata`` file).
+    """
+    if path.is_dir():
+        if (path / ".metadata").is_file():
+            return None
+        return "is a folder, not a checkpoint (a .ckpt file, or a distributed checkpoint folder with .metadata)"
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "is an empty file, not a checkpoint (a .ckpt file written by the trainer)"
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile:
+        return (f"is not a readable checkpoint ({size} bytes: truncated, or not written by torch.save; "
+                "resume from an earlier .ckpt)")
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+        return "is a zip archive but not a torch checkpoint (no data.pkl in it)"
+    return None
+
+
 def check_resume_path(path: Any, key: str) -> None:
     """Refuse a resume path that cannot be a checkpoint (before anything is built).
 
     Lightning's special values (``last``, ``best``, ``hpc``, ``registry``) and
-    remote URLs pass; a local path must exist.
+    remote URLs pass; a local path must exist and be a complete ``torch.save``
+    file (or a distributed checkpoint folder). Cost: the file's zip directory
+    is read, not its tensors.
     """
     from tre_lightning.checks import ConfigError
 
     if path is None or str(path) in ("last", "best", "hpc", "registry") or "://" in str(path):
         return
-    if not Path(str(path)).expanduser().exists():
+    local = Path(str(path)).expanduser()
+    if not local.exists():
         raise ConfigError(key, f"checkpoint {str(path)!r} does not exist (a .ckpt file to resume from, or null)")
+    problem = _checkpoint_problem(local)
+    if problem is not None:
+        raise ConfigError(key, f"{str(path)!r} {problem}")

@@ -33,7 +33,14 @@ from transformers import PreTrainedTokenizerBase
 from tre_lightning.tasks.base import Example, Task
 from tre_lightning.training.resume import DataPosition
 
-__all__ = ["PromptBatches", "PromptDataModule", "check_task_data", "prompt_loader", "render_prompts"]
+__all__ = [
+    "PromptBatches",
+    "PromptDataModule",
+    "check_prompt_lengths",
+    "check_task_data",
+    "prompt_loader",
+    "render_prompts",
+]
 
 
 def check_task_data(task: Task, batch_size: int) -> None:
@@ -64,6 +71,51 @@ def check_task_data(task: Task, batch_size: int) -> None:
                                       f"(ppo.batch_size={batch_size}); allowed: batch_size <= {len(rows)}")
 
 
+def _encode(tokenizer: PreTrainedTokenizerBase, task: Task, examples: Sequence[Example]) -> list[list[int]]:
+    """The chat-templated prompt token ids of ``examples`` (no padding, no truncation)."""
+    texts = [
+        tokenizer.apply_chat_template(task.messages(ex), add_generation_prompt=True, tokenize=False)
+        for ex in examples
+    ]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def check_prompt_lengths(data: PromptDataModule, chunk: int = 512) -> None:
+    """With ``prompt_overflow='error'``, refuse now a run whose data has a prompt longer than the limit.
+
+    Renders and tokenizes every training prompt and the validated test prompts
+    (the first ``val_max_examples``) once, ``chunk`` at a time, before any
+    model is built, so the run is not stopped at the batch that draws it. The
+    cost is one chat template and one tokenizer pass per prompt, linear in the
+    split and paid once (measured: 7,500 + 500 prompts of MATH size, ~260
+    characters, with the tiny character tokenizer: 20 s on a 2-core machine at
+    load average 15); with ``truncate_left`` nothing is rendered here.
+
+    Raises:
+        ConfigError: keyed ``rollout.max_prompt_length``, with the split, the
+            longest prompt (its example index and length) and how many overflow.
+    """
+    from tre_lightning.checks import ConfigError
+
+    if data.prompt_overflow != "error":
+        return
+    val = data.task.val_examples()
+    if data.val_max_examples is not None:
+        val = val[: data.val_max_examples]
+    for split, examples in (("train", data.task.train_examples()), ("val", val)):
+        longest, at, over = 0, 0, 0
+        for start in range(0, len(examples), chunk):
+            for i, ids in enumerate(_encode(data.tokenizer, data.task, examples[start : start + chunk]), start):
+                over += len(ids) > data.max_prompt_length
+                if len(ids) > longest:
+                    longest, at = len(ids), i
+        if over:
+            raise ConfigError("rollout.max_prompt_length", f"{over} of {len(examples)} {split} prompts are longer "
+                              f"than {data.max_prompt_length} tokens (the longest: example {at}, {longest} tokens) "
+                              f"and rollout.prompt_overflow is 'error'; raise it to >= {longest} or use "
+                              "prompt_overflow=truncate_left")
+
+
 def render_prompts(
     tokenizer: PreTrainedTokenizerBase,
     task: Task,
@@ -83,11 +135,7 @@ def render_prompts(
     Returns:
         (input_ids (B, P), attention_mask (B, P), number of truncated prompts).
     """
-    texts = [
-        tokenizer.apply_chat_template(task.messages(ex), add_generation_prompt=True, tokenize=False)
-        for ex in examples
-    ]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    encoded = _encode(tokenizer, task, examples)
     truncated = 0
     rows: list[list[int]] = []
     for i, ids in enumerate(encoded):
