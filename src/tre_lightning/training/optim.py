@@ -16,15 +16,22 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from tre_lightning.checks import ArgumentError
 from tre_lightning.training.config import OptimConfig
 
-__all__ = ["build_optimizer", "build_scheduler", "clip_grad_norm", "lr_factor"]
+__all__ = ["build_optimizer", "check_param_precision", "build_scheduler", "clip_grad_norm", "lr_factor"]
 
 
 def build_optimizer(params: Iterable[nn.Parameter], lr: float, cfg: OptimConfig) -> Optimizer:
-    """AdamW (torch, or 8-bit bitsandbytes with ``cfg.eight_bit``) over the trainable ``params``."""
+    """AdamW (torch, or 8-bit bitsandbytes with ``cfg.eight_bit``) over the trainable ``params``.
+
+    16-bit trainable parameters are refused unless ``cfg.low_precision_params``: a plain AdamW
+    has no float32 master copy, so updates below the weights' resolution round away.
+    """
     from tre_lightning.training.adamw8bit import build_optimizer as _build
 
+    params = list(params)
+    check_param_precision(params, cfg.low_precision_params)
     return _build(
         params,
         lr,
@@ -33,6 +40,24 @@ def build_optimizer(params: Iterable[nn.Parameter], lr: float, cfg: OptimConfig)
         eps=cfg.eps,
         eight_bit=cfg.eight_bit,
     )
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def check_param_precision(params: Iterable[nn.Parameter], allowed: bool) -> None:
+    """Refuse 16-bit trainable parameters for a plain optimizer unless ``allowed`` (the opt-in)."""
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in params
+                  if p.requires_grad and p.dtype in _LOW_PRECISION})
+    if low and not allowed:
+        raise ArgumentError(
+            "optim.low_precision_params",
+            f"true to step {'/'.join(low)} trainable parameters with a plain AdamW (no float32 master copy: "
+            "updates below their resolution round away; at lr 1e-6 most bf16 weights never change); or keep "
+            "float32 masters: trainer.precision=bf16-mixed instead of bf16-true (FSDP2: "
+            "model.fsdp.mixed_precision=bf16 with 32-true)",
+            False,
+        )
 
 
 def lr_factor(step: int, warmup: int, total: int | None, schedule: str, min_ratio: float) -> float:
