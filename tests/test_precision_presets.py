@@ -127,3 +127,12 @@ def test_bf16_loaded_source_becomes_fp32_and_reference_keeps_its_dtype() -> None
     assert {p.dtype for p in model.actor.parameters()} == {torch.float32}
     assert {p.dtype for p in model.critic.parameters()} == {torch.float32}
     assert {p.dtype for p in model.reference.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize(("preset", "micro"), [("paper_math", 8), ("paper_countdown", 16), ("paper_hh", 16)])
+def test_paper_presets_follow_the_tre_code(preset: str, micro: int, tmp_path) -> None:
+    """verl 0.4.0 / the TRE fork: no 0.5 on the value loss; the 1.5B scripts' actor micro-batch sizes
+    (docs/ppo_details.md). Fails on the presets before issue 16 (value_loss_scale 0.5, micro 8 everywhere)."""
+    cfg = _preset(preset, tmp_path, tmp_path)
+    assert cfg.ppo.value_loss_scale == 1.0
+    assert cfg.ppo.micro_batch_size == micro
