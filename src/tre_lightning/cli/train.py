@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-__all__ = ["RUN_KEYS", "build", "main", "quiet_warnings", "run"]
+__all__ = ["RUN_KEYS", "build", "main", "quiet_warnings", "register_resolvers", "run", "run_folder_name"]
 
 RUN_KEYS = ("trainer", "callbacks", "logger", "output_dir", "ckpt_path", "export_hf", "validate_first", "hydra")
 """Top-level keys that are not PPOModule arguments."""
@@ -35,6 +35,35 @@ _QUIET = [
     r"The '(train|val)_dataloader' does not have many workers",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
 ]
+
+
+def run_folder_name(overrides: str) -> str:
+    """A readable folder name from Hydra's ``override_dirname`` (the job's overrides without the seed):
+    list brackets dropped and their commas made ``+`` (``regularizers=[tre_p,kl_cov]`` ->
+    ``regularizers=tre_p+kl_cov``), ``/`` made ``-``, at most 120 characters; ``defaults`` when empty.
+
+    Registered as the OmegaConf resolver ``tre_run_name`` for ``hydra.sweep.subdir``, which interpolated
+    ``hydra.runtime.choices.regularizers`` before and failed for a list of regularizers."""
+    out, depth = [], 0
+    for ch in str(overrides):
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth:
+            out.append("+")
+        else:
+            out.append("-" if ch in "/\\" else ch)
+    name = "".join(out).strip() or "defaults"
+    return name[:120]
+
+
+def register_resolvers() -> None:
+    """The OmegaConf resolvers ``conf/train.yaml`` uses (idempotent)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("tre_run_name"):
+        OmegaConf.register_new_resolver("tre_run_name", run_folder_name)
 
 
 def quiet_warnings() -> None:
@@ -103,6 +132,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 def main() -> None:
     """Console entry point ``tre-train`` (Hydra parses the command line)."""
     import hydra
+
+    register_resolvers()
 
     @hydra.main(version_base="1.3", config_path="pkg://tre_lightning.conf", config_name="train")
     def _main(cfg: DictConfig) -> None:
