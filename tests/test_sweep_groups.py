@@ -51,11 +51,12 @@ def test_single_runs_say_n_1_and_missing_keys_say_default(tmp_path) -> None:
 
 
 def test_run_folder_name() -> None:
-    assert run_folder_name("regularizers=[tre_p,kl_cov],regularizers.tre_p.coef=0.01") == \
-        "regularizers=tre_p+kl_cov,regularizers.tre_p.coef=0.01"
-    assert run_folder_name("model.policy.path=~/models/q") == "model.policy.path=~-models-q"
-    assert run_folder_name("") == "defaults"
-    assert len(run_folder_name("x=" + "a" * 500)) == 120
+    assert run_folder_name("regularizers=[tre_p,kl_cov],regularizers.tre_p.coef=0.01,trainer.max_steps=1") == \
+        "tre_p+kl_cov,regularizers.tre_p.coef=0.01"
+    assert run_folder_name("optim.actor_lr=1e-5", "tre_p") == "tre_p"  # the group's choice
+    assert run_folder_name("", ["ent", "kl_cov"]) == "ent+kl_cov"
+    assert run_folder_name("regularizers=none") == "none"
+    assert len(run_folder_name("regularizers=x,regularizers.x.a=" + "a" * 500)) == 120
 
 
 def _script(name: str) -> str:
@@ -78,8 +79,9 @@ def test_sweep_over_a_combination_and_a_coefficient_then_tre_plot(tmp_path) -> N
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert "3_experiment=tiny_countdown,export_hf=null,regularizers.tre_p.coef=0.01,regularizers=tre_p+kl_cov," \
-           "trainer.max_steps=1_seed0" in names and len(names) == 4
+    assert names == ["0_tre_p,regularizers.tre_p.coef=0.001_seed0", "1_tre_p,regularizers.tre_p.coef=0.01_seed0",
+                     "2_tre_p+kl_cov,regularizers.tre_p.coef=0.001_seed0",
+                     "3_tre_p+kl_cov,regularizers.tre_p.coef=0.01_seed0"]
     out = tmp_path / "plot" / "sweep.png"
     plot = subprocess.run([_script("tre-plot"), str(sweep), "--out", str(out)], capture_output=True, text=True,
                           timeout=300)

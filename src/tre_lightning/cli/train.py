@@ -37,25 +37,43 @@ _QUIET = [
 ]
 
 
-def run_folder_name(overrides: str) -> str:
-    """A readable folder name from Hydra's ``override_dirname`` (the job's overrides without the seed):
-    list brackets dropped and their commas made ``+`` (``regularizers=[tre_p,kl_cov]`` ->
-    ``regularizers=tre_p+kl_cov``), ``/`` made ``-``, at most 120 characters; ``defaults`` when empty.
-
-    Registered as the OmegaConf resolver ``tre_run_name`` for ``hydra.sweep.subdir``, which interpolated
-    ``hydra.runtime.choices.regularizers`` before and failed for a list of regularizers."""
-    out, depth = [], 0
+def _split_overrides(overrides: str) -> list[str]:
+    """Hydra's ``override_dirname`` items (``key=value`` joined by ``,``; commas inside ``[]``/``{}`` kept)."""
+    items, depth, current = [], 0, []
     for ch in str(overrides):
-        if ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth = max(0, depth - 1)
-        elif ch == "," and depth:
-            out.append("+")
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            items.append("".join(current))
+            current = []
         else:
-            out.append("-" if ch in "/\\" else ch)
-    name = "".join(out).strip() or "defaults"
-    return name[:120]
+            current.append(ch)
+    if current:
+        items.append("".join(current))
+    return [i for i in items if i]
+
+
+def _readable(value: str) -> str:
+    return value.replace("[", "").replace("]", "").replace(",", "+").replace("/", "-").replace("\\", "-")
+
+
+def run_folder_name(overrides: str, choice: Any = None) -> str:
+    """A sweep job's readable folder name: its regularizers (the ``regularizers`` override, or else the
+    group's ``choice``; a combination joined by ``+``) followed by its ``regularizers.*`` overrides,
+    e.g. ``tre_p+kl_cov,regularizers.tre_p.coef=0.01``; at most 120 characters.
+
+    Registered as the OmegaConf resolver ``tre_run_name`` for ``hydra.sweep.subdir``, which
+    interpolated ``hydra.runtime.choices.regularizers`` into a string before and failed when it was a
+    list (a combination). Every override is in the job's ``.hydra/overrides.yaml`` (what tre-plot
+    groups by); the job number in front keeps folders distinct when other keys are swept.
+    """
+    items = _split_overrides(overrides)
+    regs = next((v for k, _, v in (i.partition("=") for i in items) if k.lstrip("+~") == "regularizers"), None)
+    if regs is None:
+        regs = str(choice or "") if choice is None or isinstance(choice, str) else "+".join(map(str, choice))
+    parts = [_readable(regs) or "none"]
+    parts += [_readable(i) for i in items if i.lstrip("+~").startswith("regularizers.")]
+    return ",".join(parts)[:120]
 
 
 def register_resolvers() -> None:
