@@ -4,8 +4,10 @@ and a PNG of reward / Pass@1 / P̄max against PPO iterations.
 "Before" is a validation at step 0: run ``trainer.validate(module)`` before
 ``trainer.fit`` (``tre-train`` does when ``validate_first=true``, the default)
 on the same Trainer, so that this callback sees it. "After" is the last
-validation of the run; schedule one on the final iteration (``max_steps`` a
-multiple of ``val_check_interval``).
+validation of the run: with ``validate_last_step`` (default) the callback asks
+Lightning to validate on the final iteration (``max_steps``) whether or not it
+falls on ``val_check_interval``, so a run shorter than the interval has an
+"after" too and "after" is always the trained model's score.
 
 Files (rank 0 only): ``<folder>/metrics.csv`` (one row per PPO iteration:
 step, reward, p_max, entropy, val_score), ``<folder>/curves.png`` and
@@ -35,6 +37,9 @@ class RunReport(Callback):
         val_keys: validation metrics to look for, first found wins
             (Pass@1 for binary tasks, else the mean validation reward).
         print_table: print the before → after table at the end of fit.
+        validate_last_step: validate after the final iteration (``trainer.max_steps``) even when it is
+            not a multiple of ``val_check_interval`` (Lightning's ``should_stop`` path: the validation
+            loop runs once more, then fit ends as it would).
 
     Attributes:
         history: the recorded :class:`~tre_lightning.evaluation.report.RunHistory`.
@@ -46,12 +51,14 @@ class RunReport(Callback):
         folder: str | None = None,
         val_keys: tuple[str, ...] | list[str] = ("val/pass@1", "val/reward"),
         print_table: bool = True,
+        validate_last_step: bool = True,
     ) -> None:
         from tre_lightning.evaluation.report import RunHistory
 
         if isinstance(val_keys, str) or not val_keys or not all(isinstance(k, str) and k for k in val_keys):
             raise ArgumentError("val_keys", "a non-empty list of metric names", val_keys)
         boolean("print_table", print_table)
+        self.validate_last_step = boolean("validate_last_step", validate_last_step)
         self.folder = folder
         self.val_keys = tuple(val_keys)
         self.print_table = print_table
@@ -75,6 +82,9 @@ class RunReport(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.validate_last_step and 0 < trainer.max_steps <= trainer.global_step:
+            # Lightning validates when a stop is requested (training_epoch_loop._should_check_val_fx)
+            trainer.should_stop = True
         metrics = step_metrics(outputs)
         if not metrics:
             return

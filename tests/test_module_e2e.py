@@ -219,7 +219,9 @@ def test_config_mismatch_is_rejected() -> None:
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
 def test_bf16_precisions_run(precision: str) -> None:
-    module = tiny_module(LengthTask(), share_backbone=precision == "bf16-true")
+    """bf16-true steps bf16 weights directly: it needs the explicit opt-in (optim.low_precision_params)."""
+    module = tiny_module(LengthTask(), share_backbone=precision == "bf16-true",
+                         low_precision_params=precision == "bf16-true")
     seen = []
 
     class Grab(PMaxMonitor):
@@ -228,6 +230,12 @@ def test_bf16_precisions_run(precision: str) -> None:
 
     fit(trainer(max_steps=1, precision=precision, callbacks=[Grab()]), module)
     assert math.isfinite(seen[0]["value/loss"]) and math.isfinite(seen[0]["policy/p_max"])
+
+
+def test_bf16_true_without_the_opt_in_is_refused() -> None:
+    """bf16-true casts the fp32 masters back to bf16; a plain AdamW on them is refused (issue 16)."""
+    with pytest.raises(ValueError, match="optim.low_precision_params must be true"):
+        fit(trainer(max_steps=1, precision="bf16-true"), tiny_module(LengthTask()))
 
 
 @pytest.mark.gpu

@@ -122,7 +122,7 @@ def sweep(tmp_path) -> Path:
 def test_sweep_rows_mean_and_std(sweep) -> None:
     runs = find_runs([sweep])
     assert sorted((r.label, r.seed) for r in runs) == [("none", 0), ("none", 1), ("tre_p", 0), ("tre_p", 1)]
-    rows = {r["regularizer"]: r for r in sweep_rows(runs)}
+    rows = {r["setting"]: r for r in sweep_rows(runs)}
     m, s = rows["tre_p"]["after"]
     assert m == pytest.approx(0.48) and s == pytest.approx(statistics.stdev([0.46, 0.50]))
     assert rows["none"]["delta"][0] == pytest.approx(0.22)
@@ -140,9 +140,9 @@ def test_tre_plot_cli(sweep, tmp_path, capsys, monkeypatch) -> None:
     out = tmp_path / "fig" / "sweep.png"
     assert tre_plot([str(sweep), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "4 runs, 2 regularizers" in printed and "| none |" in printed and "| tre_p |" in printed
+    assert "4 runs, 2 settings" in printed and "| none |" in printed and "| tre_p |" in printed
     assert out.read_bytes()[:8] == PNG
-    assert out.with_suffix(".md").read_text().startswith("| regularizer |")
+    assert out.with_suffix(".md").read_text().startswith("| setting |")
     # no argument: the latest folder under ./multirun
     monkeypatch.chdir(sweep.parents[2])
     assert tre_plot([]) == 0

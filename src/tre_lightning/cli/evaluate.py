@@ -11,6 +11,10 @@ folder (e.g. the ``hf_model`` folder that ``tre-train`` exports)::
     tre-eval --model ~/models/Qwen2.5-1.5B-Instruct --task math --max-new-tokens 8192 --json result.json
 
 The task is a Hydra option of ``conf/task/`` (``--override`` sets its fields).
+The evaluation settings default to those a checkpoint stores (its ``evaluation``
+and ``rollout.max_prompt_length`` hyper-parameters: what training's validation
+used), else to ``EvalConfig()``; flags override them, and the line
+``tre-eval settings: ...`` says where each came from.
 The loop is :func:`tre_lightning.evaluation.protocol.evaluate`, the same
 scoring as the module's validation.
 """
@@ -34,7 +38,8 @@ from tre_lightning.evaluation.config import EvalConfig
 from tre_lightning.evaluation.protocol import evaluate
 from tre_lightning.tasks.base import Task
 
-__all__ = ["check_sources", "format_table", "load_actor", "main", "run"]
+__all__ = ["check_sources", "describe_settings", "format_table", "load_actor", "main", "resolve_settings", "run",
+           "stored_settings"]
 
 
 def load_actor(checkpoint: str | None = None, model: str | None = None, dtype: str = "auto",
@@ -144,6 +149,59 @@ def _task_from_config(name: str, overrides: Sequence[str]) -> Task:
     return instantiate(cfg.task, _convert_="all")
 
 
+DEFAULT_PROMPT_LENGTH = 1024
+"""``--max-prompt-length`` for an HF model folder (a checkpoint brings its own)."""
+
+_EVAL_FLAGS = {"n": "n", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+               "max_new_tokens": "max_new_tokens", "batch_size": "batch_size", "pass_k": "pass_k",
+               "seed": "seed", "max_examples": "max_examples"}
+"""argparse destination -> EvalConfig field."""
+
+
+def stored_settings(checkpoint: str | None) -> tuple[dict[str, Any], int | None]:
+    """The evaluation settings (EvalConfig fields) and the rollout's ``max_prompt_length`` that a
+    PPOModule checkpoint stores in its hyper-parameters; empty / None without a checkpoint or entry."""
+    if checkpoint is None or not Path(checkpoint).expanduser().is_file():
+        return {}, None
+    hparams = torch.load(Path(checkpoint).expanduser(), map_location="cpu", weights_only=True).get(
+        "hyper_parameters") or {}
+    evaluation = dict(hparams.get("evaluation") or {})
+    prompt = (hparams.get("rollout") or {}).get("max_prompt_length")
+    return evaluation, (int(prompt) if prompt is not None else None)
+
+
+def resolve_settings(args: argparse.Namespace) -> tuple[EvalConfig, int, dict[str, str]]:
+    """EvalConfig and max_prompt_length: each a command-line flag if given, else the checkpoint's stored
+    value (what training's validation used), else the default; with where each came from."""
+    stored, stored_prompt = stored_settings(args.checkpoint)
+    defaults = EvalConfig()
+    fields: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    for dest, field_name in _EVAL_FLAGS.items():
+        given = getattr(args, dest)
+        if given is not None:
+            fields[field_name], source[field_name] = given, "flag"
+        elif field_name in stored:
+            fields[field_name], source[field_name] = stored[field_name], "checkpoint"
+        else:
+            fields[field_name], source[field_name] = getattr(defaults, field_name), "default"
+    if args.max_prompt_length is not None:
+        prompt, source["max_prompt_length"] = args.max_prompt_length, "flag"
+    elif stored_prompt is not None:
+        prompt, source["max_prompt_length"] = stored_prompt, "checkpoint"
+    else:
+        prompt, source["max_prompt_length"] = DEFAULT_PROMPT_LENGTH, "default"
+    fields["pass_k"] = list(fields["pass_k"])
+    return EvalConfig(**fields), int(prompt), source
+
+
+def describe_settings(cfg: EvalConfig, max_prompt_length: int, source: dict[str, str]) -> str:
+    """One line: every evaluation setting with where it came from (flag, checkpoint, default)."""
+    values = {name: getattr(cfg, name) for name in _EVAL_FLAGS.values()}
+    values["max_prompt_length"] = max_prompt_length
+    return "tre-eval settings: " + ", ".join(f"{k}={v} ({source[k]})" for k, v in values.items())
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tre-eval",
@@ -158,17 +216,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="task option of conf/task/ (countdown, math, hh, embedded, ...)")
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                    help="Hydra overrides of the task, e.g. task.val_size=500 task.seed=1")
-    d = EvalConfig()
-    p.add_argument("--n", type=int, default=d.n, help="samples per test prompt")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--max-prompt-length", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="test prompts per generate call")
+    # None = the checkpoint's stored evaluation settings (training's validation), else EvalConfig()'s
+    p.add_argument("--n", type=int, default=None, help="samples per test prompt")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="0 = off")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--max-prompt-length", type=int, default=None,
+                   help=f"prompt tokens kept (checkpoint: its rollout.max_prompt_length; else {DEFAULT_PROMPT_LENGTH})")
+    p.add_argument("--batch-size", type=int, default=None, help="test prompts per generate call")
     p.add_argument("--max-examples", type=int, default=None, help="evaluate the first N test prompts only")
-    p.add_argument("--pass-k", type=int, nargs="+", default=list(d.pass_k), help="k of the reported pass@k")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--pass-k", type=int, nargs="+", default=None, help="k of the reported pass@k")
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
@@ -189,12 +248,11 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Parse ``argv``, evaluate, print the table; returns the metrics."""
     args = _parser().parse_args(argv)
     try:
-        cfg = EvalConfig(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, pass_k=args.pass_k,
-                         seed=args.seed, max_examples=args.max_examples)
+        cfg, max_prompt_length, source = resolve_settings(args)
     except ValueError as err:
         raise SystemExit(f"tre-eval: {err}") from err
     check_sources(args.checkpoint, args.model)  # before the engine, the task and the models: exit status 2
+    print(describe_settings(cfg, max_prompt_length, source), flush=True)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     engine = None
     if args.engine == "vllm":  # built first: a missing vLLM / GPU stops here, before any loading
@@ -202,11 +260,11 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
             raise SystemExit("tre-eval: --engine vllm needs --model (an HF model folder, e.g. <run>/hf_model)")
         from tre_lightning.rollout.vllm import VLLMEngine
 
-        engine = VLLMEngine(model=args.model, dtype=args.dtype, seed=args.seed)
+        engine = VLLMEngine(model=args.model, dtype=args.dtype, seed=cfg.seed)
     task = _task_from_config(args.task, args.override)
     actor, tokenizer = load_actor(args.checkpoint, args.model, dtype=args.dtype, device=device)
     start = time.perf_counter()
-    results = evaluate(actor, tokenizer, task, cfg, max_prompt_length=args.max_prompt_length, engine=engine)
+    results = evaluate(actor, tokenizer, task, cfg, max_prompt_length=max_prompt_length, engine=engine)
     header = {"tre-eval": args.checkpoint or args.model, "task": args.task, "n": cfg.n,
               "temperature": cfg.temperature, "top_p": cfg.top_p, "seconds": round(time.perf_counter() - start, 1)}
     print(format_table(results, header))

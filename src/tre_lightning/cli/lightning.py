@@ -14,7 +14,12 @@ EXAMPLE_CONFIG; print(EXAMPLE_CONFIG)"``.
 
 Regularizers (``--model.regularizers``, a list of ``class_path`` entries from
 ``tre_lightning.regularizers``): Ent, TREK, TREP, MinEnt, ForkingTokens,
-KLCov, ClipCov.
+KLCov, ClipCov. Short or full class names, one or a comma-separated list
+(``--model.regularizers TREK``, ``--model.regularizers TREP,KLCov``,
+``--model.regularizers tre_lightning.regularizers.TREK``; a bare value is made
+the one-element list jsonargparse expects), a YAML list with arguments
+(``--model.regularizers '[{class_path: TREK, init_args: {coef: 0.01}}]'``), or
+``--model.regularizers+=TREK`` to append to the config file's list.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from lightning.pytorch.cli import LightningCLI
 from tre_lightning.cli.train import quiet_warnings
 from tre_lightning.training import PPOModule
 
-__all__ = ["EXAMPLE_CONFIG", "TRECLI", "main", "run"]
+__all__ = ["EXAMPLE_CONFIG", "TRECLI", "main", "regularizer_list_args", "run"]
 
 
 def _conf_dir() -> Path:
@@ -171,12 +176,45 @@ def main(args: list[str] | None = None) -> None:
         run(args)
 
 
+_REGULARIZERS_FLAG = "--model.regularizers"
+_NAMES = re.compile(r"^[A-Za-z_][\w.]*(,[A-Za-z_][\w.]*)*$")
+
+
+def regularizer_list_args(args: list[str]) -> list[str]:
+    """``--model.regularizers NAME[,NAME...]`` (or ``=NAME...``) -> ``--model.regularizers [NAME,...]``.
+
+    jsonargparse reads a bare value of a list-typed argument as the path of a config file
+    ("Expected a path but TREK either not accessible or invalid"); class names, short or
+    full, are made the list they mean. Existing files, YAML lists/dicts and ``+=`` are left alone.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == _REGULARIZERS_FLAG and i + 1 < len(args):
+            value, joined = args[i + 1], False
+        elif arg.startswith(_REGULARIZERS_FLAG + "="):
+            value, joined = arg[len(_REGULARIZERS_FLAG) + 1:], True
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        if _NAMES.match(value) and not Path(value).exists():
+            value = f"[{value}]"
+        out.extend([f"{_REGULARIZERS_FLAG}={value}"] if joined else [_REGULARIZERS_FLAG, value])
+        i += 1 if joined else 2
+    return out
+
+
 def run(args: list[str] | None = None, **kwargs: Any) -> TRECLI:
     """Build (and by default run) the CLI; ``args`` as on the command line."""
+    import sys
+
     from tre_lightning.cli.logging_setup import setup_logging
 
     quiet_warnings()
     setup_logging()
+    args = regularizer_list_args(list(sys.argv[1:] if args is None else args))
     return TRECLI(
         PPOModule,
         datamodule_class=None,

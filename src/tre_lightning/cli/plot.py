@@ -2,15 +2,18 @@
 
 Reads every run folder of ``tre-train`` found under the given paths (a sweep
 folder ``multirun/<date>/<time>``, a single run, or a parent of many),
-groups the runs by their regularizers (from each run's ``.hydra/config.yaml``)
-and writes one PNG with, per regularizer, the mean over seeds (± std) of
+groups the runs by their setting — every override Hydra recorded in the run's
+``.hydra/overrides.yaml`` except the seed, so a coefficient or learning-rate sweep
+gives one group per value — labels each group by the overrides that differ
+between groups, and writes one PNG with, per group, the mean over seeds (± std) of
 
 - P̄max against PPO iterations, smoothed with an EMA of 0.8 as in the paper's Figure 3,
 - validation Pass@1 (or mean reward for non-binary tasks),
 - the training reward (unless ``--no-reward``),
 
 then prints a Markdown table of Pass@1 before → after, its change and the
-final P̄max, as mean ± std over seeds, and saves it next to the PNG.
+final P̄max, as mean ± std over seeds ("(n = 1)" for a single run), and saves it
+next to the PNG.
 
 Examples::
 
@@ -41,14 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tre-plot",
         description=(
-            "Overlay the runs of a tre-train sweep (one colour per regularizer, mean ± std over seeds): "
+            "Overlay the runs of a tre-train sweep (one colour per setting: every recorded override but the "
+            "seed; mean ± std over seeds): "
             "P̄max (EMA-smoothed as in the paper's Figure 3), validation Pass@1 and training reward "
             "against PPO iterations; print and save a results table (Pass@1 before -> after, change, "
             "final P̄max; mean ± std over seeds)."
         ),
         epilog=(
             "Run folders are found at or below PATHS by their report/metrics.csv (RunReport callback) or "
-            "csv/metrics.csv (CSV logger); the regularizer label and seed come from .hydra/config.yaml. "
+            "csv/metrics.csv (CSV logger); the setting comes from .hydra/overrides.yaml (without it: the "
+            "regularizers of .hydra/config.yaml), the seed from .hydra/config.yaml. "
             "Example: tre-train -m experiment=quickstart_sweep && tre-plot"
         ),
     )
@@ -91,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot_sweep(runs, out, smoothing=args.smoothing, title=args.title, show_reward=not args.no_reward)
     table_path.parent.mkdir(parents=True, exist_ok=True)
     table_path.write_text(table + "\n")
-    print(f"{len(runs)} runs, {len(rows)} regularizers (mean ± std over seeds)\n")
+    print(f"{len(runs)} runs, {len(rows)} settings (mean ± std over seeds)\n")
     print(table)
     print(f"\nplot:  {out}\ntable: {table_path}")
     return 0

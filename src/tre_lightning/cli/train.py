@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-__all__ = ["RUN_KEYS", "build", "main", "quiet_warnings", "run"]
+__all__ = ["RUN_KEYS", "build", "main", "quiet_warnings", "register_resolvers", "run", "run_folder_name"]
 
 RUN_KEYS = ("trainer", "callbacks", "logger", "output_dir", "ckpt_path", "export_hf", "validate_first", "hydra")
 """Top-level keys that are not PPOModule arguments."""
@@ -36,6 +36,53 @@ _QUIET = [
     r"The '(train|val)_dataloader' does not have many workers",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
 ]
+
+
+def _split_overrides(overrides: str) -> list[str]:
+    """Hydra's ``override_dirname`` items (``key=value`` joined by ``,``; commas inside ``[]``/``{}`` kept)."""
+    items, depth, current = [], 0, []
+    for ch in str(overrides):
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if current:
+        items.append("".join(current))
+    return [i for i in items if i]
+
+
+def _readable(value: str) -> str:
+    return value.replace("[", "").replace("]", "").replace(",", "+").replace("/", "-").replace("\\", "-")
+
+
+def run_folder_name(overrides: str, choice: Any = None) -> str:
+    """A sweep job's readable folder name: its regularizers (the ``regularizers`` override, or else the
+    group's ``choice``; a combination joined by ``+``) followed by its ``regularizers.*`` overrides,
+    e.g. ``tre_p+kl_cov,regularizers.tre_p.coef=0.01``; at most 120 characters.
+
+    Registered as the OmegaConf resolver ``tre_run_name`` for ``hydra.sweep.subdir``, which
+    interpolated ``hydra.runtime.choices.regularizers`` into a string before and failed when it was a
+    list (a combination). Every override is in the job's ``.hydra/overrides.yaml`` (what tre-plot
+    groups by); the job number in front keeps folders distinct when other keys are swept.
+    """
+    items = _split_overrides(overrides)
+    regs = next((v for k, _, v in (i.partition("=") for i in items) if k.lstrip("+~") == "regularizers"), None)
+    if regs is None:
+        regs = str(choice or "") if choice is None or isinstance(choice, str) else "+".join(map(str, choice))
+    parts = [_readable(regs) or "none"]
+    parts += [_readable(i) for i in items if i.lstrip("+~").startswith("regularizers.")]
+    return ",".join(parts)[:120]
+
+
+def register_resolvers() -> None:
+    """The OmegaConf resolvers ``conf/train.yaml`` uses (idempotent)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("tre_run_name"):
+        OmegaConf.register_new_resolver("tre_run_name", run_folder_name)
 
 
 def quiet_warnings() -> None:
@@ -128,6 +175,7 @@ def main() -> None:
 
     from tre_lightning.cli.errors import exit_on_error, hydra_exit_status
 
+    register_resolvers()
     started: list[bool] = []
 
     @hydra.main(version_base="1.3", config_path="pkg://tre_lightning.conf", config_name="train")

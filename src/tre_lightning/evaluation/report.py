@@ -339,12 +339,22 @@ def write_run_report(hist: RunHistory, folder: str | Path, print_table: bool = T
 
 @dataclass
 class LoadedRun:
-    """One run folder read back: its history, label (regularizers) and seed."""
+    """One run folder read back: its history, label (regularizers), seed and setting.
+
+    ``setting`` is what defines the run apart from its seed: the command-line overrides Hydra
+    recorded (``.hydra/overrides.yaml``, seed removed), or ``{"regularizers": label}`` for a
+    run without them. Runs with the same setting are seeds of one group.
+    """
 
     folder: Path
     history: RunHistory
     label: str
     seed: int | None
+    setting: dict[str, str] = field(default_factory=dict)
+
+
+SEED_KEYS = ("seed",)
+"""Override keys that vary between seeds of one setting (not part of a run's setting)."""
 
 
 def _hydra_facts(folder: Path) -> tuple[str | None, int | None]:
@@ -362,6 +372,28 @@ def _hydra_facts(folder: Path) -> tuple[str | None, int | None]:
     label = "+".join(sorted(str(k) for k in regs.keys())) or "none"
     seed = cfg.get("seed")
     return label, (int(seed) if seed is not None else None)
+
+
+def _hydra_overrides(folder: Path) -> dict[str, str] | None:
+    """``{key: value}`` of the run's recorded overrides (``.hydra/overrides.yaml``) without the seed;
+    None when the file is missing or unreadable."""
+    path = folder / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    try:
+        items = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception:  # noqa: BLE001 - an unreadable file just gives no setting
+        return None
+    if not isinstance(items, list):
+        return None
+    setting: dict[str, str] = {}
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        if sep and key.lstrip("+~") not in SEED_KEYS:
+            setting[key.lstrip("+~")] = value
+    return setting
 
 
 def load_run(folder: str | Path) -> LoadedRun | None:
@@ -392,7 +424,10 @@ def load_run(folder: str | Path) -> LoadedRun | None:
         label = str(meta.get("regularizers", folder.name))
     if seed is None and meta.get("seed") is not None:
         seed = int(meta["seed"])
-    return LoadedRun(folder=folder, history=hist, label=label, seed=seed)
+    setting = _hydra_overrides(folder)
+    if setting is None:
+        setting = {"regularizers": label}
+    return LoadedRun(folder=folder, history=hist, label=label, seed=seed, setting=setting)
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[LoadedRun]:
@@ -416,39 +451,60 @@ def find_runs(paths: Iterable[str | Path]) -> list[LoadedRun]:
     return runs
 
 
-def _mean_std(xs: Sequence[float]) -> tuple[float, float] | None:
+def _mean_std(xs: Sequence[float]) -> tuple[float, float | None] | None:
+    """(mean, sample std) of ``xs``; the std is None for a single run (nothing to spread)."""
     if not xs:
         return None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
 
 # the paper's order (Table 1): baselines first, then TRE
 LABEL_ORDER = ("none", "ent", "forking", "kl_cov", "clip_cov", "min_ent", "tre_k", "tre_p")
 
 
-def _order(labels: Iterable[str]) -> list[str]:
-    rank = {k: i for i, k in enumerate(LABEL_ORDER)}
-    return sorted(set(labels), key=lambda s: (rank.get(s, len(rank)), s))
+def _setting_key(run: LoadedRun) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(run.setting.items()))
+
+
+def _group_labels(settings: Sequence[dict[str, str]], fallback: Sequence[str]) -> list[str]:
+    """A label per setting made of the overrides that differ between them (``key=value, ...``;
+    ``key=(default)`` where a setting does not set it; the ``regularizers`` choice first and as its
+    value alone, e.g. ``[tre_p,kl_cov], regularizers.tre_p.coef=0.01``); ``fallback`` where none differs."""
+    keys = sorted({k for s in settings for k in s}, key=lambda k: (k != "regularizers", k))
+    differing = [k for k in keys if len({s.get(k) for s in settings}) > 1]
+    labels = []
+    for setting, other in zip(settings, fallback, strict=True):
+        parts = [setting.get(k, "(default)") if k == "regularizers" else f"{k}={setting.get(k, '(default)')}"
+                 for k in differing]
+        labels.append(", ".join(parts) if parts else other)
+    return labels
 
 
 def group_runs(runs: Sequence[LoadedRun]) -> dict[str, list[LoadedRun]]:
-    groups: dict[str, list[LoadedRun]] = {}
-    for label in _order(r.label for r in runs):
-        groups[label] = sorted((r for r in runs if r.label == label), key=lambda r: (r.seed is None, r.seed))
-    return groups
+    """Runs grouped by setting (every recorded override except the seed), each group labelled by
+    what differs from the other groups; the paper's regularizer order, then by label."""
+    by_key: dict[tuple[tuple[str, str], ...], list[LoadedRun]] = {}
+    for run in runs:
+        by_key.setdefault(_setting_key(run), []).append(run)
+    members = list(by_key.values())
+    labels = _group_labels([g[0].setting for g in members], [g[0].label for g in members])
+    rank = {k: i for i, k in enumerate(LABEL_ORDER)}
+    order = sorted(range(len(members)), key=lambda i: (rank.get(members[i][0].label, len(rank)),
+                                                       members[i][0].label, labels[i]))
+    return {labels[i]: sorted(members[i], key=lambda r: (r.seed is None, r.seed)) for i in order}
 
 
 def sweep_rows(runs: Sequence[LoadedRun]) -> list[dict[str, Any]]:
-    """One row per regularizer: mean and std over its runs (seeds)."""
+    """One row per setting (see :func:`group_runs`): mean and std over its runs (seeds)."""
     rows = []
     for label, group in group_runs(runs).items():
         sums = [summarize(r.history) for r in group]
 
-        def col(attr: str, sums: list[RunSummary] = sums) -> tuple[float, float] | None:
+        def col(attr: str, sums: list[RunSummary] = sums) -> tuple[float, float | None] | None:
             return _mean_std([getattr(s, attr) for s in sums if getattr(s, attr) is not None])
 
         rows.append({
-            "regularizer": label,
+            "setting": label,
             "runs": len(group),
             "seeds": [r.seed for r in group],
             "before": col("before"),
@@ -462,24 +518,24 @@ def sweep_rows(runs: Sequence[LoadedRun]) -> list[dict[str, Any]]:
 
 
 def format_sweep_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown table of :func:`sweep_rows` (mean ± std over seeds)."""
+    """Markdown table of :func:`sweep_rows` (mean ± std over seeds; "(n = 1)" for a single run)."""
 
-    def ms(v: tuple[float, float] | None, pct: bool, signed: bool = False) -> str:
+    def ms(v: tuple[float, float | None] | None, pct: bool, signed: bool = False) -> str:
         if v is None:
             return "n/a"
         m, s = v
-        if pct:
-            return f"{100 * m:{'+' if signed else ''}.1f} ± {100 * s:.1f}"
-        return f"{m:{'+' if signed else ''}.3f} ± {s:.3f}"
+        scale, digits = (100.0, 1) if pct else (1.0, 3)
+        mean = f"{scale * m:{'+' if signed else ''}.{digits}f}"
+        return f"{mean} (n = 1)" if s is None else f"{mean} ± {scale * s:.{digits}f}"
 
     binary = all(r["binary"] for r in rows)
     unit = "Pass@1 (%)" if binary else "val reward"
-    header = (f"| regularizer | runs | {unit} before | {unit} after | Δ | final P̄max | final train reward |\n"
+    header = (f"| setting | runs | {unit} before | {unit} after | Δ | final P̄max | final train reward |\n"
               "|---|---|---|---|---|---|---|")
     lines = [header]
     for r in rows:
         lines.append(
-            f"| {r['regularizer']} | {r['runs']} | {ms(r['before'], binary)} | {ms(r['after'], binary)} | "
+            f"| {r['setting']} | {r['runs']} | {ms(r['before'], binary)} | {ms(r['after'], binary)} | "
             f"{ms(r['delta'], binary, signed=True)} | {ms(r['final_p_max'], False)} | "
             f"{ms(r['final_reward'], False)} |"
         )
@@ -499,7 +555,7 @@ def _mean_curve(series: Sequence[tuple[list[int], list[float]]]) -> tuple[list[i
     for st in steps:
         xs = [lk[st] for lk in lookups]
         mean.append(statistics.fmean(xs))
-        std.append(statistics.stdev(xs) if len(xs) > 1 else 0.0)
+        std.append(statistics.stdev(xs) if len(xs) > 1 else 0.0)  # a band of 0: the legend says n=1
     return steps, mean, std
 
 
@@ -510,7 +566,7 @@ def plot_sweep(
     title: str | None = None,
     show_reward: bool = True,
 ) -> Path:
-    """Overlay the runs, one colour per regularizer (mean over seeds, ± std band):
+    """Overlay the runs, one colour per setting (:func:`group_runs`; mean over seeds, ± std band):
     P̄max (EMA-smoothed as in the paper's Figure 3), validation Pass@1 and,
     optionally, the training reward."""
     path = Path(path)

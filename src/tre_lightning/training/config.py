@@ -197,6 +197,13 @@ class OptimConfig:
             (= the trainer's estimate: ``max_steps`` or epochs × batches).
         eight_bit: 8-bit AdamW from bitsandbytes (the ``quant`` extra) for both
             optimizers, also under FSDP2.
+        low_precision_params: allow stepping 16-bit (bf16/fp16) trainable
+            parameters directly (``trainer.precision=bf16-true``): AdamW then
+            keeps no float32 master copy and updates below a weight's 16-bit
+            resolution round away (at lr 1e-6 most bf16 weights never move).
+            False (default) refuses such parameters; the actor-critic keeps
+            float32 masters itself (bf16 compute from ``bf16-mixed`` or FSDP2's
+            mixed-precision policy).
     """
 
     actor_lr: float = 1e-6
@@ -211,6 +218,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     total_steps: int | None = None
     eight_bit: bool = False
+    low_precision_params: bool = False
 
     def __post_init__(self) -> None:
         real("actor_lr", self.actor_lr, 0.0, low_open=True)
@@ -227,6 +235,7 @@ class OptimConfig:
         real("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         optional(integer, "total_steps", self.total_steps, 1)
         boolean("eight_bit", self.eight_bit)
+        boolean("low_precision_params", self.low_precision_params)
 
     def warmup_for(self, total_steps: int, critic: bool) -> int:
         """Warm-up length in PPO iterations for the actor or the critic."""

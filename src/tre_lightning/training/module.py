@@ -39,7 +39,7 @@ from tre_lightning.training.export import export_hf, tokenizer_files
 from tre_lightning.training.loop import PPOLearner, Runtime
 from tre_lightning.training.optim import build_optimizer, build_scheduler
 from tre_lightning.training.resume import ResumeState, rng_state, set_rng_state
-from tre_lightning.training.trainer_args import check_trainer_args
+from tre_lightning.training.trainer_args import check_trainer_args, trainer_settings
 
 __all__ = ["PPOModule"]
 
@@ -116,7 +116,7 @@ class PPOModule(LightningModule):
     # ------------------------------------------------------------------ models and optimizers
 
     def setup(self, stage: str) -> None:
-        check_trainer_args({"precision": self.trainer.precision})
+        check_trainer_args(trainer_settings(self.trainer))
 
     def on_fit_start(self) -> None:
         self.guard.start()  # a task that cannot run in the reward worker is found before the first rollout

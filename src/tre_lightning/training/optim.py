@@ -16,9 +16,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from tre_lightning.checks import ArgumentError
 from tre_lightning.training.config import OptimConfig
 
-__all__ = ["build_optimizer", "build_scheduler", "clip_grad_norm", "fusable", "lr_factor"]
+__all__ = ["build_optimizer", "build_scheduler", "check_param_precision", "clip_grad_norm", "fusable", "lr_factor"]
 
 
 _FUSED_DEVICES = ("cpu", "cuda")
@@ -26,6 +27,9 @@ _FUSED_DEVICES = ("cpu", "cuda")
 
 def build_optimizer(params: Iterable[nn.Parameter], lr: float, cfg: OptimConfig) -> Optimizer:
     """AdamW (torch, or 8-bit bitsandbytes with ``cfg.eight_bit``) over the trainable ``params``.
+
+    16-bit trainable parameters are refused unless ``cfg.low_precision_params``: a plain AdamW
+    has no float32 master copy, so updates below the weights' resolution round away.
 
     Torch AdamW is built with ``fused=True`` when every trainable parameter is a
     plain floating-point tensor on CPU or CUDA (:func:`fusable`): the same
@@ -36,6 +40,8 @@ def build_optimizer(params: Iterable[nn.Parameter], lr: float, cfg: OptimConfig)
     """
     from tre_lightning.training.adamw8bit import build_optimizer as _build
 
+    params = list(params)
+    check_param_precision(params, cfg.low_precision_params)
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
     opt = _build(params, lr, betas=betas, weight_decay=cfg.weight_decay, eps=cfg.eps, eight_bit=cfg.eight_bit)
     if type(opt) is not torch.optim.AdamW or not fusable(p for g in opt.param_groups for p in g["params"]):
@@ -50,6 +56,24 @@ def fusable(params: Iterable[Tensor]) -> bool:
         type(p) in (Tensor, nn.Parameter) and p.is_floating_point() and p.device.type in _FUSED_DEVICES
         for p in params
     )
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def check_param_precision(params: Iterable[nn.Parameter], allowed: bool) -> None:
+    """Refuse 16-bit trainable parameters for a plain optimizer unless ``allowed`` (the opt-in)."""
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in params
+                  if p.requires_grad and p.dtype in _LOW_PRECISION})
+    if low and not allowed:
+        raise ArgumentError(
+            "optim.low_precision_params",
+            f"true to step {'/'.join(low)} trainable parameters with a plain AdamW (no float32 master copy: "
+            "updates below their resolution round away; at lr 1e-6 most bf16 weights never change); or keep "
+            "float32 masters: trainer.precision=bf16-mixed instead of bf16-true (FSDP2: "
+            "model.fsdp.mixed_precision=bf16 with 32-true)",
+            False,
+        )
 
 
 def lr_factor(step: int, warmup: int, total: int | None, schedule: str, min_ratio: float) -> float:

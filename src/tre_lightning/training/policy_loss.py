@@ -30,8 +30,9 @@ def compose_policy_loss(
     outputs: Sequence[tuple[Regularizer, RegularizerOutput]],
     mode: str,
     normalizer: Tensor,
-) -> Tensor:
-    """Surrogate + regularizers for one micro-batch (its share of the mini-batch loss).
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Surrogate + regularizers for one micro-batch (its share of the mini-batch loss), and the
+    size of each term.
 
     Where any ``pg_detach`` is True the surrogate's gradient is stopped; the
     surrogate's mask is ``mask × Π pg_weight``. For ``token-mean`` the
@@ -49,6 +50,13 @@ def compose_policy_loss(
         outputs: each regularizer with its output on this micro-batch.
         mode: the loss aggregation mode.
         normalizer: the mini-batch denominator share (see ``ppo.global_loss_normalizer``).
+
+    Returns:
+        The loss, and detached scalars ``{"surrogate": ..., "<name>_weighted": coef × term}``
+        aggregated over this micro-batch alone (``mode`` with the micro-batch's own
+        denominator): their token-weighted mean over the micro-batches of a mini-batch is the
+        mini-batch's term for ``token-mean``, so a regularizer's size reads directly against the
+        surrogate's.
     """
     pg_mask = mask
     detach: Tensor | None = None
@@ -64,13 +72,17 @@ def compose_policy_loss(
         kept = pg_mask.sum() / mask.sum().clamp_min(1e-12)
         pg_normalizer = (normalizer * kept).clamp_min(1e-12)
     loss = aggregate_loss(surrogate, pg_mask, mode, normalizer=pg_normalizer)
+    with torch.no_grad():
+        terms = {"surrogate": aggregate_loss(surrogate.detach(), pg_mask, mode).float()}
     for reg, out in outputs:
         if out.loss is not None:
             coef = getattr(reg, "coef", None)
             if coef is None:
                 raise TypeError(f"{reg!r} returned a loss but has no `coef` (the weight of its loss term)")
             loss = loss + coef * aggregate_loss(out.loss, mask, mode, normalizer=normalizer)
-    return loss
+            with torch.no_grad():
+                terms[f"{reg.name}_weighted"] = coef * aggregate_loss(out.loss.detach(), mask, mode).float()
+    return loss, terms
 
 
 def policy_loss(
@@ -112,7 +124,7 @@ def policy_loss(
         clipped=pg.clipped,
     )
     outputs = [(reg, reg(ctx)) for reg in regularizers]
-    loss = compose_policy_loss(pg.per_token, mask, outputs, cfg.loss_aggregation, normalizer)
+    loss, terms = compose_policy_loss(pg.per_token, mask, outputs, cfg.loss_aggregation, normalizer)
 
     with torch.no_grad():
         p_max, entropy = token_stats(logits.detach())
@@ -121,6 +133,8 @@ def policy_loss(
         stats.add("policy/clipfrac", pg.clipfrac, weight)
         stats.add("policy/clipfrac_lower", pg.clipfrac_lower, weight)
         stats.add("policy/approx_kl", pg.approx_kl, weight)
+        for name, value in terms.items():
+            stats.add(f"policy/{name}", value, weight)
         for _, out in outputs:
             for name, value in out.metrics.items():
                 stats.add(name if "/" in name else f"policy/{name}", value, weight)
