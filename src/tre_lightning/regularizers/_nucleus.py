@@ -14,23 +14,30 @@ than 1 - P of the mass.
 Per chunk of rows, :func:`nucleus_chunk`
 
 1. predicts a band of logits (lo, hi] that holds the boundary token, from a
-   strided subsample of each row (~8,192 tokens): a histogram of probability
-   mass over bins of 1/32 nat below the row's maximum, with a 4-sigma margin
-   for the sampling error of the tail mass;
-2. in one pass over the rows takes the exact mass, the count and sum(p z) of
-   the tokens above the band (z > hi), and the band's tokens themselves;
-3. checks exactly that the boundary is in the band; a row where it is not
-   gets the whole remaining side as its band and step 2 again (rare: the
-   prediction would have to be off by 4 sigma);
-4. finds the boundary inside the band by a radix select on the band tokens'
-   logit bit patterns (3 digits for float32, 6 for float64) with float64 mass
-   histograms; the last digit leaves only tokens with the boundary's logit,
-   taken in id order.
+   subsample of each row (~8,192 logits in blocks of 64 spread over the
+   row): a histogram of probability mass over bins of 1/32 nat, with a
+   2.5-sigma margin for the sampling error of the estimated tail mass;
+   sampled tokens with p >= (1 - P) / 8 are left out of the estimate and the
+   band starts below them (they are above every lighter token);
+2. takes, in one pass over the rows, the exact mass, the count and sum(p z)
+   of the tokens above the band (z > hi) and lists the band's tokens
+   (a compare and a nonzero over 8-byte words of the mask). Rows with
+   nothing above the band that reaches into few blocks of 64 logits (peaked
+   rows) read their band tokens off per-block maxima instead;
+3. checks exactly that the boundary is in the band; where it is not, the
+   band is extended past the side that missed (by 2, 4, 8, ... nats, then to
+   the end) and step 2 redone for those rows only;
+4. finds the boundary inside the band: float64 mass histograms over 2,048
+   value bins spanning each row's band give the bin of the boundary, whose
+   few tokens are sorted (logit descending, id ascending) and accumulated
+   exactly.
 
 So the work per row is a fixed number of passes whatever the distribution:
-the band holds a few percent of a flat row's tokens and a handful of a peaked
-row's. All operations are dtype- and device-generic torch ops (no host loop
-over rows; a few host syncs per chunk).
+the band holds about 2 % of a flat row's tokens (V = 151,936) and a handful of
+a peaked row's. All operations are dtype- and device-generic torch ops (no
+host loop over rows; a few host syncs per chunk). On CPU, step 2's sums and
+band mask run as one compiled pass (:mod:`~tre_lightning.regularizers._fuse`)
+for large chunks.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from tre_lightning.regularizers import _fuse
 from tre_lightning.regularizers._rows import Scratch
 
 #: prediction histogram: bins of 1/32 nat below the row maximum, 64 nats deep
@@ -57,7 +65,7 @@ BLOCK = 64
 BLOCK_LIMIT = 64
 #: sampling margin of the predicted band, in standard deviations of the
 #: estimated tail mass, plus an absolute slack (softmax sums to 1 +- 1e-6).
-SIGMAS = 4.0
+SIGMAS = 2.5
 SLACK = 1e-5
 #: sampled tokens with p >= (1 - P) * HEAVY are left out of the estimate:
 #: every such token is above every lighter one, so the band starts below them.
@@ -160,29 +168,32 @@ def predict_band(
         flat = torch.empty((k + 2) * slot, dtype=dt, device=dev)
     bins = flat[: k * slot].view(torch.int64).view(r, ns)  # first: aligned for the int64 view
     u, light = (flat[(k + i) * slot : (k + i + 1) * slot].view(r, ns) for i in range(2))
-    torch.sub(zmax[:, None], zs, out=u).mul_(BINS_PER_NAT).clamp_(0, NUM_BINS - 1).nan_to_num_(NUM_BINS - 1)
+    # bins of 1/BINS_PER_NAT nat counted from the bottom: bin b holds
+    # zmax - (NUM_BINS - b) / BINS_PER_NAT <= z < ... - 1 / BINS_PER_NAT (lower logits in bin 0)
+    base = zmax - NUM_BINS / BINS_PER_NAT
+    torch.sub(zs, base[:, None], out=u).mul_(BINS_PER_NAT).clamp_(0, NUM_BINS - 1).nan_to_num_(0)
     bins.copy_(u)  # truncation = floor for u >= 0
     torch.mul(ps, ps < (1.0 - top_p) * HEAVY, out=light)
     sq = torch.mul(light, light, out=u)
     mass = torch.zeros(r, NUM_BINS, dtype=dt, device=dev).scatter_add_(1, bins, light)
     sqh = torch.zeros(r, NUM_BINS, dtype=dt, device=dev).scatter_add_(1, bins, sq)
-    # tail[b]: estimated mass of the light tokens with z <= zmax - b / BINS_PER_NAT,
-    # sd[b]: its sampling standard deviation (every stride-th token sampled)
-    tail = mass.flip(1).cumsum(1).flip(1).mul_(stride)
-    sd = sqh.flip(1).cumsum(1).flip(1).mul_(stride * max(stride - 1.0, 0.0)).sqrt_()
-    margin = sd.mul_(SIGMAS).add_(SLACK)
+    # tail[b]: estimated mass of the light tokens below the upper edge of bin b,
+    # sd[b]: its sampling standard deviation (one logit in `stride` sampled)
+    tail = mass.cumsum(1).mul_(stride)
+    margin = sqh.cumsum(1).mul_(stride * max(stride - 1.0, 0.0)).sqrt_().mul_(SIGMAS).add_(SLACK)
     t_star = 1.0 - top_p
     idx = torch.arange(NUM_BINS, device=dev)
-    ok_lo = (tail + margin) <= t_star  # a suffix of the bins
-    # the sample says nothing about tokens above its highest light one:
-    # lo stays below that token (so below every heavy token too)
-    b_top = torch.where(mass > 0, idx, NUM_BINS).amin(1)
-    b_lo = torch.maximum(NUM_BINS - ok_lo.sum(1), b_top + 1)
-    ok_hi = (tail - margin) > t_star
-    b_hi = torch.where(ok_hi, idx, -1).amax(1)
+    # lo: upper edge of the last bin whose tail is surely <= 1 - P, and not above
+    # the lower edge of the highest bin with a light sampled logit (the sample
+    # says nothing about the logits above it, heavy ones included)
+    b_top = torch.where(mass > 0, idx, -1).amax(1)
+    b_lo = torch.minimum(((tail + margin) <= t_star).sum(1) - 1, b_top - 1)
+    # hi: upper edge of the first bin whose tail surely exceeds 1 - P
+    b_hi = torch.where((tail - margin) > t_star, idx, NUM_BINS).amin(1)
     inf = torch.full_like(zmax, math.inf)
-    lo = torch.where(b_lo < NUM_BINS, zmax - b_lo.to(dt) / BINS_PER_NAT, -inf)
-    hi = torch.where(b_hi >= 0, zmax - b_hi.to(dt) / BINS_PER_NAT, inf)
+    edge = lambda b: base + (b + 1).to(dt) / BINS_PER_NAT  # noqa: E731
+    lo = torch.where(b_lo >= 0, edge(b_lo), -inf)
+    hi = torch.where(b_hi < NUM_BINS, edge(b_hi), inf)
     return torch.where(active, lo, inf), torch.where(active, hi, inf)
 
 
@@ -240,18 +251,26 @@ def _row_dots(a: Tensor, b: Tensor) -> Tensor:
 def _scan(z: Tensor, p: Tensor, lo: Tensor, hi: Tensor, scratch: Scratch) -> _Scan:
     """Step 2: the band's tokens and the exact sums of the tokens above it.
 
-    Uses the scratch buffer "w" and the padded mask; **overwrites p** (its
-    buffer then holds temporaries).
+    Uses the scratch buffer "w" and the padded mask; the eager path
+    **overwrites p** (its buffer then holds temporaries).
     """
     r = z.shape[0]
     dev = z.device
     band, padded = scratch.padded_mask(r)
-    torch.gt(z, lo[:, None], out=band)
     if not bool(torch.isfinite(hi).any()):
+        torch.gt(z, lo[:, None], out=band)
         rows, ids = _nonzero_rows(padded)
         zero = torch.zeros(r, dtype=torch.float64, device=dev)
         return _Scan(zero.long(), zero, zero.to(z.dtype), rows, ids, _take(z, rows, ids), _take(p, rows, ids))
-    m = torch.gt(z, hi[:, None], out=scratch.get("w", r))
+    w = scratch.get("w", r)
+    fused = _fuse.above_sums(z, p, lo, hi, w)
+    if fused is not None:
+        band.copy_(w)
+        rows, ids = _nonzero_rows(padded)
+        n_a, m_a, s_a = fused
+        return _Scan(n_a, m_a, s_a, rows, ids, _take(z, rows, ids), _take(p, rows, ids))
+    torch.gt(z, lo[:, None], out=band)
+    m = torch.gt(z, hi[:, None], out=w)
     band.bitwise_xor_(m.bool())  # the tokens above hi are above lo too
     rows, ids = _nonzero_rows(padded)
     zb, pb = _take(z, rows, ids), _take(p, rows, ids)
@@ -351,10 +370,11 @@ def _select(rows: Tensor, zb: Tensor, p64: Tensor, base: Tensor, live: Tensor, t
     grid[cr, pos] = cp
     before = (grid.cumsum(1) - grid)[cr, pos]
     incl = (base + above)[cr] + before < top_p  # mass ranked above < P
+    # the boundary token is the last one in; tau its logit
     last = torch.zeros(r, dtype=torch.long, device=dev).index_add_(0, cr, incl.long()) - 1
-    start = counts.cumsum(0) - counts
-    has = live & (last >= 0)
-    tau = torch.where(has, zb[cand[(start + last.clamp(min=0)).clamp(max=max(cand.numel() - 1, 0))]] if cand.numel() else inf, inf)
+    has = last >= 0
+    tau = inf.clone()
+    tau[has] = zb[cand[(counts.cumsum(0) - counts + last)[has]]]
     tied = zb[cand] == tau[cr]
     in_region = d > dstar[rows]
     in_region[cand[incl]] = True

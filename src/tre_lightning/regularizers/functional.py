@@ -20,13 +20,16 @@ pass call them. Every kernel:
 (55 rows at V = 151,936 on CPU, 1,024 rows on accelerators).
 
 The trust-region kernel (TRE-K, TRE-P; paper Eq. 7-9, Algorithm 1) never
-sorts the vocabulary. TRE-P finds the exact nucleus (the smallest set of
-tokens whose probability reaches P) from a top-16 of each row, widens to a
-top-256 only for rows whose nucleus is larger, and for the rare rows whose
-nucleus exceeds 256 tokens locates the nucleus threshold with a histogram of
-probability mass over log-probability bins (1/16 nat wide) followed by a
-sort of the one bin that contains the threshold. The result is exact (ties
-included); only its cost depends on the logits.
+sorts the vocabulary. TRE-K takes a top-k. TRE-P finds the exact nucleus
+(the smallest set of tokens whose probability reaches P, ties and the "mass
+ranked above < P" rule of Algorithm 1) with a fixed number of passes per row
+whatever the distribution (:mod:`~tre_lightning.regularizers._nucleus`): a
+band of logits predicted from a subsample, exact float64 sums above it, and
+an exact select inside it. Rows with at most ``SMALL_REGION`` tokens keep a
+sparse gradient; larger regions are recomputed densely in backward from the
+saved logits (one fused pass on CPU, see
+:mod:`~tre_lightning.regularizers._fuse`). The capped variant
+(``max_region``) takes top-k's of 16, 256 and the cap.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import torch.nn.functional as F_nn
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from tre_lightning.regularizers import _fuse
 from tre_lightning.regularizers._nucleus import nucleus_chunk
 from tre_lightning.regularizers._rows import Rows, Scratch, compute_dtype, resolve_chunk_size
 
@@ -553,32 +557,38 @@ def _tre_nucleus(st: _TREState, top_p: float) -> None:
         _tre_support(st, torch.cat(support))
 
 
-def _dense_grad(zf: Tensor, rec: _Dense, g: Tensor, out: Tensor, scratch: Scratch) -> None:
-    """out = g * d value / d z for the rows of ``rec`` (zf: their logits, compute dtype).
+def _dense_grad(zf: Tensor, rec: _Dense, g: Tensor, dst: Tensor | None, scratch: Scratch) -> Tensor:
+    """g * d value / d z for the rows of ``rec`` (zf: their logits, compute dtype).
 
-    Five passes: u = z - tau, masked to -80 where z <= tau (e^-80 > 0 keeps exp
-    off its slow underflow path), e = e^u with the masked entries then set to
-    exactly 0, u <- scale (u + delta), out = u e.
+    Writes into ``dst`` (any dtype) when it can, else into a compute-dtype
+    buffer; returns the tensor written. Fused on CPU (one pass, see
+    :mod:`~tre_lightning.regularizers._fuse`); eager it is five passes:
+    u = z - tau, masked to -80 where z <= tau (e^-80 > 0 keeps exp off its slow
+    underflow path), e = e^u with the masked entries then set to exactly 0,
+    u <- scale (u + delta), out = u e.
     """
-    r = zf.shape[0]
+    r, cdt = zf.shape[0], zf.dtype
     scale = rec.scale * g
+    if dst is not None and _fuse.dense_grad(zf, rec.tau, rec.delta.to(cdt), scale.to(cdt), dst):
+        return dst
+    out = dst if dst is not None and dst.dtype == cdt else scratch.get("g", r)
     u = torch.sub(zf, rec.tau[:, None], out=scratch.get("u", r))
     F_nn.threshold_(u, 0.0, -80.0)
     e = torch.exp(u, out=scratch.get("e", r))
     F_nn.threshold_(e, 0.5, 0.0)  # e >= 1 on the region, e^-80 off it
-    sd = (scale * rec.delta).to(zf.dtype)
-    torch.addcmul(sd[:, None], u, scale.to(zf.dtype)[:, None], out=u)
-    torch.mul(u, e, out=out)
+    torch.addcmul((scale * rec.delta).to(cdt)[:, None], u, scale.to(cdt)[:, None], out=u)
+    return torch.mul(u, e, out=out)
 
 
-def _support_grad(zf: Tensor, gamma_g: Tensor, out: Tensor, scratch: Scratch) -> None:
-    """out = d (gamma H) / d z * g for rows whose region is every finite logit."""
+def _support_grad(zf: Tensor, gamma_g: Tensor, dst: Tensor | None, scratch: Scratch) -> Tensor:
+    """g * d (gamma H) / d z for rows whose region is every finite logit (see _dense_grad)."""
     r = zf.shape[0]
+    out = dst if dst is not None and dst.dtype == zf.dtype else scratch.get("g", r)
     p = _softmax_into(zf, scratch.get("p", r))
     if bool(torch.isneginf(zf).any()):  # keep 0 * finite on masked tokens
         zf = torch.clamp(zf, min=_finite_min(zf.dtype), out=scratch.get("t", r))
     torch.ops.aten._softmax_backward_data.out(zf, p, -1, zf.dtype, grad_input=out)
-    out.mul_((-gamma_g).to(zf.dtype)[:, None])
+    return out.mul_((-gamma_g).to(zf.dtype)[:, None])
 
 
 class _TREFn(torch.autograd.Function):
@@ -646,12 +656,11 @@ class _TREFn(torch.autograd.Function):
                     continue
                 zc = rows.take(ids) if not contiguous or len(rows.blocks) > 1 else rows.blocks[0][first : first + r]
                 zf = scratch.as_compute(zc)
-                out = dst if dst is not None and dst.dtype == cdt else scratch.get("g", r)
                 if dense:
                     part = _Dense(ids, rec.tau[sl], rec.delta[sl], rec.scale[sl], rec.tie_rows, rec.tie_cols)
-                    _dense_grad(zf, part, gs, out, scratch)
+                    out = _dense_grad(zf, part, gs, dst, scratch)
                 else:
-                    _support_grad(zf, rec.gamma[sl] * gs, out, scratch)
+                    out = _support_grad(zf, rec.gamma[sl] * gs, dst, scratch)
                 if out is not dst:
                     if dst is not None:
                         dst.copy_(out)
