@@ -392,7 +392,8 @@ def _first_pass(
     Rows whose band has nothing above it and reaches into few blocks take
     their band tokens from the block maxima (a read-only pass); the others
     get the full :func:`_scan`. Works on a copy of the active rows when they
-    are at most half of the chunk. Overwrites p.
+    are at most half of the chunk, and of the scanned ones when they are at
+    most a quarter of those (so at most one chunk of copies). Overwrites p.
 
     Returns zmax, lo, hi (r,) and the scan result in chunk rows.
     """
@@ -418,13 +419,16 @@ def _first_pass(
             br, bi, bz, bp = _block_band(za, pa, lo_a, blocky.nonzero().squeeze(1), bm)
             parts.append((rows_a[br], bi, bz, bp))
         rest = live & ~blocky
-        if bool(rest.any()):
-            if bool(rest.all()):
-                sel, zs, ps = rows_a, za, pa
-            else:
+        n_rest = int(rest.sum())
+        if n_rest:
+            if 4 * n_rest <= za.shape[0]:  # few rows: on a copy of them
                 j = rest.nonzero().squeeze(1)
-                sel, zs, ps = rows_a[j], za.index_select(0, j), pa.index_select(0, j)
-            sc = _scan(zs, ps, lo[sel], hi[sel], scratch)
+                sel, zs, ps, lo_s, hi_s = rows_a[j], za.index_select(0, j), pa.index_select(0, j), lo_a[j], hi_a[j]
+            else:  # in place, the other rows masked out (no band, nothing above)
+                inf_a = torch.full_like(lo_a, math.inf)
+                sel, zs, ps = rows_a, za, pa
+                lo_s, hi_s = torch.where(rest, lo_a, inf_a), torch.where(rest, hi_a, inf_a)
+            sc = _scan(zs, ps, lo_s, hi_s, scratch)
             n_a, m_a, s_a = n_a.index_copy(0, sel, sc.n_a), m_a.index_copy(0, sel, sc.m_a), s_a.index_copy(0, sel, sc.s_a)
             parts.append((sel[sc.rows], sc.ids, sc.zb, sc.pb))
     parts = [q for q in parts if q[0].numel()] or parts[:1]
