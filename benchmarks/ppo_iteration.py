@@ -75,9 +75,9 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     import lightning as L
 
     from tre_lightning import regularizers as R
-    from tre_lightning.config import EvalConfig, OptimConfig, PPOConfig, RolloutConfig
-    from tre_lightning.models import TinyRandomSource
-    from tre_lightning.module import PPOModule
+    from tre_lightning.evaluation import EvalConfig
+    from tre_lightning.models import ActorCritic, TinyRandomSource
+    from tre_lightning.training import OptimConfig, PPOConfig, PPOModule, PromptDataModule, RolloutConfig
 
     cls = REGULARIZERS[name]()
     regs = [getattr(R, cls)()] if cls else None
@@ -85,7 +85,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
                               num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * args.hidden_size,
                               n_filler=args.n_filler, seed=0)
     module = PPOModule(
-        policy=source,
+        model=ActorCritic(source),
         task=SortTask(),
         regularizers=regs,
         rollout=RolloutConfig(n=args.n, max_new_tokens=args.max_new_tokens, max_prompt_length=256),
@@ -112,7 +112,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
                         max_steps=args.warmup + args.iterations, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, callbacks=[Collect()])
-    trainer.fit(module)
+    trainer.fit(module, datamodule=PromptDataModule.for_module(module))
     measured = seen[args.warmup :]
 
     def med(key: str) -> float:

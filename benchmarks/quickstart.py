@@ -68,7 +68,7 @@ def _run(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, Any]:
 
 def _tre_train() -> list[str]:
     exe = shutil.which("tre-train")
-    return [exe] if exe else [sys.executable, "-m", "tre_lightning.train"]
+    return [exe] if exe else [sys.executable, "-m", "tre_lightning.cli.train"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         rec = _run(cmd, env, work / "sweep.log")
         hit = rec["returncode"] == 0 and rec["wall_s"] <= SWEEP_WALL_S
         ok &= hit
-        plot = subprocess.run([sys.executable, "-m", "tre_lightning.plot", str(sweep_dir), "--out",
+        plot = subprocess.run([sys.executable, "-m", "tre_lightning.cli.plot", str(sweep_dir), "--out",
                                str(sweep_dir / "sweep.png")], capture_output=True, text=True, check=False)
         rec["table"] = plot.stdout
         results["sweep"] = rec

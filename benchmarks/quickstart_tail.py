@@ -30,7 +30,7 @@ import torch
 
 def tail_stats(model: Any, tokenizer: Any, task: Any, prompts: int, seed: int = 0) -> dict[str, float]:
     """Tail statistics of ``model`` on the first ``prompts`` validation puzzles."""
-    from tre_lightning.quickstart.tokenizer import useful_token_ids
+    from tre_lightning.tasks.embedded.tokenizer import useful_token_ids
 
     useful = torch.tensor(useful_token_ids(tokenizer))
     examples = list(task.val_examples())[:prompts]
@@ -63,8 +63,8 @@ def tail_stats(model: Any, tokenizer: Any, task: Any, prompts: int, seed: int = 
 def main(argv: list[str] | None = None) -> int:
     from transformers import Qwen2ForCausalLM
 
-    from tre_lightning.quickstart import EmbeddedTask, WarmStartSource
-    from tre_lightning.quickstart.report import find_runs, group_runs
+    from tre_lightning.tasks.embedded import EmbeddedTask, WarmStartSource
+    from tre_lightning.evaluation.report import find_runs, group_runs
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="sweep or run folders")

@@ -74,6 +74,7 @@ from collections.abc import Callable
 
 import torch
 
+from tre_lightning.ppo import clipped_policy_loss
 from tre_lightning.regularizers import (
     TREK,
     TREP,
@@ -309,11 +310,17 @@ def build_entries(x, tokens, n: int, v: int, args, full: bool) -> tuple[list[Ent
     old_log_probs = log_probs.detach() + 0.05 * torch.randn(1, n, generator=gen).to(device)
     advantages = torch.randn(1, n, generator=gen).to(device)
     mask = torch.ones(1, n, device=device)
+    clipped = clipped_policy_loss(log_probs.detach(), old_log_probs, advantages, mask).clipped
     skip = {s for s in args.skip.split(",") if s}
 
     def ctx_of(z: torch.Tensor) -> PolicyContext:
         return PolicyContext(
-            logits=z.view(1, n, v), log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages, mask=mask
+            logits=z.view(1, n, v),
+            log_probs=log_probs,
+            old_log_probs=old_log_probs,
+            advantages=advantages,
+            mask=mask,
+            clipped=clipped,
         )
 
     def strategy(reg, env: str | None = None) -> tuple[Callable, Callable]:
@@ -355,9 +362,9 @@ def build_entries(x, tokens, n: int, v: int, args, full: bool) -> tuple[list[Ent
         "tre_k": TREK(coef=1.0, top_k=args.top_k, chunk_size=cs),
         "tre_p": TREP(coef=1.0, top_p=args.top_p, chunk_size=cs),
         "min_ent": MinEnt(coef=1.0, chunk_size=cs),
-        "forking": ForkingTokens(coef=1.0, chunk_size=cs),
+        "forking": ForkingTokens(chunk_size=cs),
         "kl_cov": KLCov(coef=1.0),
-        "clip_cov": ClipCov(coef=1.0, seed=0),
+        "clip_cov": ClipCov(seed=0),
     }
     for name, reg in regs.items():
         add(name, *strategy(reg), "ours", tre_p=name == "tre_p")

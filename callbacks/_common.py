@@ -1,6 +1,6 @@
 """What the PPO module hands to the callbacks after each training step.
 
-``training_step`` returns ``{"metrics": {name: float}, "samples": {"prompt":
+``training_step`` returns ``{"metrics": {name: float}, "rollout": Rollout, "samples": {"prompt":
 [...], "response": [...], "reward": [...]}}``; Lightning passes it to
 ``on_train_batch_end`` as ``outputs``.
 """

@@ -20,6 +20,8 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from tre_lightning.checks import ArgumentError, boolean
+
 from tre_lightning.callbacks._common import step_metrics
 
 __all__ = ["RunReport"]
@@ -35,7 +37,7 @@ class RunReport(Callback):
         print_table: print the before → after table at the end of fit.
 
     Attributes:
-        history: the recorded :class:`~tre_lightning.quickstart.report.RunHistory`.
+        history: the recorded :class:`~tre_lightning.evaluation.report.RunHistory`.
         summary: the written summary (after ``fit``), including file paths.
     """
 
@@ -45,10 +47,11 @@ class RunReport(Callback):
         val_keys: tuple[str, ...] | list[str] = ("val/pass@1", "val/reward"),
         print_table: bool = True,
     ) -> None:
-        from tre_lightning.quickstart.report import RunHistory
+        from tre_lightning.evaluation.report import RunHistory
 
-        if not val_keys:
-            raise ValueError("RunReport.val_keys must name at least one validation metric")
+        if isinstance(val_keys, str) or not val_keys or not all(isinstance(k, str) and k for k in val_keys):
+            raise ArgumentError("val_keys", "a non-empty list of metric names", val_keys)
+        boolean("print_table", print_table)
         self.folder = folder
         self.val_keys = tuple(val_keys)
         self.print_table = print_table
@@ -65,7 +68,7 @@ class RunReport(Callback):
             meta["regularizers"] = "+".join(type(r).__name__ for r in regs) or "none (vanilla PPO)"
         if getattr(pl_module, "seed", None) is not None:
             meta["seed"] = int(pl_module.seed)
-        ev = getattr(pl_module, "eval_cfg", None)
+        ev = getattr(pl_module, "evaluation", None)
         if ev is not None:
             meta["eval"] = f"val n={ev.n}, T={ev.temperature:g}, top-p={ev.top_p:g}"
 
@@ -93,7 +96,7 @@ class RunReport(Callback):
                 return
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from tre_lightning.quickstart.report import REPORT_DIR, write_run_report
+        from tre_lightning.evaluation.report import REPORT_DIR, write_run_report
 
         if not trainer.is_global_zero:
             return

@@ -15,6 +15,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from tre_lightning.callbacks._common import step_samples
+from tre_lightning.checks import integer, text
 
 __all__ = ["SampleLogger"]
 
@@ -33,12 +34,10 @@ class SampleLogger(Callback):
 
     def __init__(self, every_n_steps: int = 10, max_rows: int = 8, filename: str = "samples.csv",
                  max_chars: int = 2000) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-        if max_chars < 1:
-            raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+        every_n_steps = integer("every_n_steps", every_n_steps, 1)
+        max_rows = integer("max_rows", max_rows, 1)
+        text("filename", filename)
+        max_chars = integer("max_chars", max_chars, 1)
         self.every_n_steps = every_n_steps
         self.max_rows = max_rows
         self.filename = filename

@@ -41,7 +41,7 @@ class KillPoint(Callback):
         if where == "save":
             import torch
 
-            import tre_lightning.checkpoint as ckpt
+            import tre_lightning.training.checkpoint_io as ckpt
 
             def dump(obj: Any, file: Any, target: Path) -> None:
                 if target.name == "last.ckpt" and int(obj.get("global_step", -1)) == self.step:

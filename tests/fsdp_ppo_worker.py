@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tre_lightning.module import PPOModule
+from tre_lightning.training import PPOModule
 from tre_lightning.rollout.base import Rollout, SamplingParams
 from tre_lightning.rollout.hf import HFGenerateEngine
 
@@ -88,12 +88,9 @@ class RecordingPPO(PPOModule):
         self.recorded: list[dict[str, Tensor]] = []
         self.steps: list[dict[str, Any]] = []
 
-    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingParams) -> Rollout:
-        rollout = super().generate(prompt_ids, prompt_mask, sampling)
-        self.recorded.append({k: getattr(rollout, k).detach().cpu().clone() for k in ROLLOUT_FIELDS})
-        return rollout
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        rollout = outputs["rollout"]
+        self.recorded.append({k: getattr(rollout, k).detach().cpu().clone() for k in ROLLOUT_FIELDS})
         self.steps.append({"step": int(self.global_step), "index": batch["index"].tolist(),
                            "metrics": dict(outputs["metrics"])})
 
@@ -192,8 +189,10 @@ def build_module(cfg: dict[str, Any], world: int = 1, engine: Any = None, cls: t
     """The module of the run; ``world`` = 1 gives the single-process module for the same global batch."""
     from test_module_support import LengthTask, tiny_source
 
-    from tre_lightning.config import EvalConfig, OptimConfig, PPOConfig, RolloutConfig
+    from tre_lightning.evaluation import EvalConfig
+    from tre_lightning.models import ActorCritic
     from tre_lightning.models.fsdp import FSDPConfig
+    from tre_lightning.training import OptimConfig, PPOConfig, RolloutConfig
     from tre_lightning.models.source import PretrainedSource
     from tre_lightning.regularizers import Ent
 
@@ -202,13 +201,18 @@ def build_module(cfg: dict[str, Any], world: int = 1, engine: Any = None, cls: t
         reference = PretrainedSource(cfg["reference_4bit"], dtype="float32", load_in_4bit=True)
     batch = cfg["batch_size"] * (WORLD if world == 1 else 1)
     mini = cfg["mini_batch_size"] * (WORLD if world == 1 else 1)
-    return cls(
-        policy=tiny_source(hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-                           n_filler=cfg["n_filler"]),
-        task=LengthTask(n_train=cfg["n_train"], n_val=4),
-        regularizers=[Ent(coef=cfg["ent_coef"])] if cfg["ent_coef"] else None,
+    model = ActorCritic(
+        tiny_source(hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+                    n_filler=cfg["n_filler"]),
         share_backbone=cfg["share_backbone"],
         reference=reference,
+        gradient_checkpointing=cfg["gradient_checkpointing"] and world > 1,
+        fsdp=FSDPConfig(**cfg["fsdp"]),
+    )
+    return cls(
+        model=model,
+        task=LengthTask(n_train=cfg["n_train"], n_val=4),
+        regularizers=[Ent(coef=cfg["ent_coef"])] if cfg["ent_coef"] else None,
         engine=engine,
         rollout=RolloutConfig(n=cfg["n"], max_new_tokens=cfg["max_new_tokens"], max_prompt_length=64),
         ppo=PPOConfig(batch_size=batch, mini_batch_size=mini, micro_batch_size=cfg["micro_batch_size"],
@@ -218,8 +222,6 @@ def build_module(cfg: dict[str, Any], world: int = 1, engine: Any = None, cls: t
                           eight_bit=cfg["eight_bit"]),
         evaluation=EvalConfig(n=2, max_new_tokens=cfg["max_new_tokens"], batch_size=2),
         seed=cfg["seed"],
-        gradient_checkpointing=cfg["gradient_checkpointing"] and world > 1,
-        fsdp=FSDPConfig(**cfg["fsdp"]),
     )
 
 
@@ -239,9 +241,9 @@ def full_state(module: PPOModule) -> dict[str, Tensor]:
     """Consolidated actor + critic (or value head) weights; a collective when sharded (rank 0 gets them)."""
     from tre_lightning.models.fsdp import consolidated_state_dict
 
-    out = {f"actor.{k}": v for k, v in consolidated_state_dict(module.actor).items()}
-    second = module.value_head if module.share_backbone else module.critic
-    name = "value_head" if module.share_backbone else "critic"
+    out = {f"actor.{k}": v for k, v in consolidated_state_dict(module.model.actor).items()}
+    second = module.model.value_head if module.model.share_backbone else module.model.critic
+    name = "value_head" if module.model.share_backbone else "critic"
     out.update({f"{name}.{k}": v for k, v in consolidated_state_dict(second).items()})
     return out
 
@@ -272,8 +274,10 @@ def main() -> None:
     import torch.distributed as dist
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from test_module_support import fit
+
+    from tre_lightning.cli.train import quiet_warnings
     from tre_lightning.models.fsdp import has_4bit_layers
-    from tre_lightning.train import quiet_warnings
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -288,22 +292,22 @@ def main() -> None:
     module = build_module(cfg, world=WORLD, engine=engine_for(cfg))
     ckpt = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
     trainer = _trainer(out, [ckpt], STEPS, validate=True)
-    trainer.fit(module)
+    fit(trainer, module)
     rank = dist.get_rank()
     state = full_state(module)
     module.export_hf(str(out / "hf"))
     torch.save(
         {"recorded": module.recorded, "steps": module.steps, "global_step": trainer.global_step,
          "val": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
-         "sharded": sorted({type(p).__name__ for p in module.actor.parameters()}),
-         "critic_sharded": sorted({type(p).__name__ for p in module.critic_parameters()}),
-         "ref_sharded": sorted({type(p).__name__ for p in module.ref.parameters()}) if module.ref is not None else [],
+         "sharded": sorted({type(p).__name__ for p in module.model.actor.parameters()}),
+         "critic_sharded": sorted({type(p).__name__ for p in module.model.critic_parameters()}),
+         "ref_sharded": sorted({type(p).__name__ for p in module.model.reference.parameters()}) if module.model.reference is not None else [],
          "optimizers": [type(o).__name__ for o in trainer.optimizers],
          "sharded_during_generate": module.engine.sharded_during_generate,
-         "ref_4bit": module.ref is not None and has_4bit_layers(module.ref),
+         "ref_4bit": module.model.reference is not None and has_4bit_layers(module.model.reference),
          "ref_in_state_dict": any(k.startswith("ref.") for k in module.state_dict()),
-         "param_dtypes": sorted({str(p.dtype) for p in module.actor.parameters()}),
-         "checkpointing": [checkpointing(m) for m in (module.actor, module.critic) if m is not None]},
+         "param_dtypes": sorted({str(p.dtype) for p in module.model.actor.parameters()}),
+         "checkpointing": [checkpointing(m) for m in (module.model.actor, module.model.critic) if m is not None]},
         out / f"a_rank{rank}.pt",
     )
     if rank == 0:
@@ -313,7 +317,7 @@ def main() -> None:
     if args.resume:
         resumed = build_module(cfg, world=WORLD, engine=engine_for(cfg))
         trainer_b = _trainer(out / "b", [], STEPS, validate=False)
-        trainer_b.fit(resumed, ckpt_path=str(out / "ckpt" / f"step={RESUME_AT}.ckpt"))
+        fit(trainer_b, resumed, ckpt_path=str(out / "ckpt" / f"step={RESUME_AT}.ckpt"))
         state_b = full_state(resumed)
         torch.save({"recorded": resumed.recorded, "steps": resumed.steps, "global_step": trainer_b.global_step},
                    out / f"b_rank{rank}.pt")

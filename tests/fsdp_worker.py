@@ -50,7 +50,7 @@ def main() -> None:
         save_hf_pretrained,
         shard_model,
     )
-    from tre_lightning.optim import build_optimizer
+    from tre_lightning.training.adamw8bit import build_optimizer
     from tre_lightning.rollout.vllm import gather_weights_for_vllm
 
     data = torch.load(args.data)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tre_lightning.checks import ArgumentError, boolean, int_list, integer, one_of, optional, real, text
+from tre_lightning.checks import ArgumentError, ConfigError, boolean, int_list, integer, one_of, optional, real, text
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,8 @@ def test_refusals_name_param_range_and_value(call, message):
     with pytest.raises(ArgumentError) as info:
         call()
     assert str(info.value) == message
-    assert info.value.reason == message.split(" ", 1)[1]
+    assert info.value.message == message.split(" ", 1)[1]
+    assert str(info.value.under("ppo")) == "ppo." + message.replace(" must", ": must", 1)
     assert isinstance(info.value, ValueError)
 
 
@@ -50,3 +51,11 @@ def test_accepted_values_pass_through_typed():
     assert optional(integer, "x", None, 1) is None
     assert optional(real, "x", 0.5, 0.0, 1.0) == 0.5
     assert text("s", "", empty=True) == ""
+
+
+def test_config_error_keys_nest_under_the_node_being_built():
+    err = ConfigError("train_path", "'x.jsonl' does not exist")
+    assert str(err) == "train_path: 'x.jsonl' does not exist"
+    assert str(err.under("task")) == "task.train_path: 'x.jsonl' does not exist"
+    assert str(ConfigError("", "the train split is empty").under("task")) == "task: the train split is empty"
+    assert str(ConfigError("[0].coef", "bad").under("regularizers")) == "regularizers[0].coef: bad"

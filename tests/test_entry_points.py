@@ -21,7 +21,7 @@ TINY = [
     "rollout.max_prompt_length=512",
     "ppo=tiny",
     "optim=tiny",
-    "eval=tiny",
+    "evaluation=tiny",
     "trainer=cpu",
     "trainer.max_steps=2",
     "trainer.val_check_interval=2",
@@ -48,11 +48,11 @@ def _script(name: str) -> str:
 
 
 def test_tre_train_run_and_tre_eval(tmp_path) -> None:
-    from tre_lightning.evaluate import run as tre_eval
-    from tre_lightning.train import run
+    from tre_lightning.cli.evaluate import run as tre_eval
+    from tre_lightning.cli.train import run
 
     with initialize_config_module(config_module="tre_lightning.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"output_dir={tmp_path}", "regularizer=tre_k", *TINY])
+        cfg = compose("train", overrides=[f"output_dir={tmp_path}", "regularizers=tre_k", *TINY])
     run(cfg)
 
     rows = _rows(tmp_path / "csv" / "metrics.csv")
@@ -76,13 +76,13 @@ def test_tre_train_run_and_tre_eval(tmp_path) -> None:
 def test_tre_train_help_lists_groups() -> None:
     proc = subprocess.run([_script("tre-train"), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for word in ("regularizer:", "tre_p", "tre_k", "model:", "tiny_random", "ppo:", "trainer:", "-m regularizer="):
+    for word in ("regularizers:", "tre_p", "tre_k", "model:", "tiny_random", "ppo:", "trainer:", "-m regularizers="):
         assert word in proc.stdout, word
 
 
 def test_tre_train_sweep_one_folder_per_run(tmp_path) -> None:
     sweep = tmp_path / "sweep"
-    args = [_script("tre-train"), "-m", "regularizer=none,tre_p", "seed=0", *TINY, "trainer.max_steps=1",
+    args = [_script("tre-train"), "-m", "regularizers=none,tre_p", "seed=0", *TINY, "trainer.max_steps=1",
             "trainer.val_check_interval=1", f"hydra.sweep.dir={sweep}", "export_hf=null"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -98,8 +98,8 @@ def test_tre_train_sweep_one_folder_per_run(tmp_path) -> None:
 
 
 LIGHTNING_TINY = [
-    "--model.policy", "tre_lightning.models.TinyRandomSource",
-    "--model.policy.hidden_size", "32",
+    "--model.model.policy", "tre_lightning.models.TinyRandomSource",
+    "--model.model.policy.hidden_size", "32",
     "--model.task.init_args.n_train", "32",
     "--model.task.init_args.n_val", "4",
     "--model.rollout.n", "2",
@@ -119,7 +119,7 @@ LIGHTNING_TINY = [
 
 
 def test_lightning_cli_fit_with_example_config(tmp_path, monkeypatch) -> None:
-    from tre_lightning.cli import EXAMPLE_CONFIG, run
+    from tre_lightning.cli.lightning import EXAMPLE_CONFIG, run
 
     monkeypatch.chdir(tmp_path)  # the example writes under runs/example
     cli = run(["fit", "--config", str(EXAMPLE_CONFIG), *LIGHTNING_TINY])
@@ -132,7 +132,7 @@ def test_lightning_cli_fit_with_example_config(tmp_path, monkeypatch) -> None:
 
 
 def test_lightning_cli_help_lists_regularizers(capsys) -> None:
-    from tre_lightning.cli import run
+    from tre_lightning.cli.lightning import run
 
     with pytest.raises(SystemExit) as exit_info:
         run(["fit", "--help"])
@@ -143,7 +143,7 @@ def test_lightning_cli_help_lists_regularizers(capsys) -> None:
 
 
 def test_tre_eval_help(capsys) -> None:
-    from tre_lightning.evaluate import run
+    from tre_lightning.cli.evaluate import run
 
     with pytest.raises(SystemExit):
         run(["--help"])

@@ -141,11 +141,11 @@ def test_hydra_strategy_config_puts_every_device_on_the_data_parallel_axis(tmp_p
 
     with initialize_config_module(config_module="tre_lightning.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"output_dir={tmp_path}", "strategy=fsdp", "trainer.devices=4",
-                                          "fsdp.activation_checkpointing=true"])
+                                          "model.fsdp.activation_checkpointing=true"])
     strategy = instantiate(cfg.trainer.strategy)
     assert isinstance(strategy, ModelParallelStrategy)
     assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (4, 1)
-    assert instantiate(cfg.fsdp) == FSDPConfig(mixed_precision="bf16", activation_checkpointing=True)
+    assert instantiate(cfg.model.fsdp) == FSDPConfig(mixed_precision="bf16", activation_checkpointing=True)
 
 
 def test_lightning_cli_strategy_snippet() -> None:

@@ -32,7 +32,7 @@ from torch import nn
 from transformers import Qwen2ForCausalLM
 
 from tre_lightning.models.tiny import tiny_qwen2_config
-from tre_lightning.optim import build_optimizer
+from tre_lightning.training.adamw8bit import build_optimizer
 from tre_lightning.rollout.vllm import to_hf_checkpoint_names
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")

@@ -105,14 +105,15 @@ def run_worker(out: Path, overrides: dict[str, Any], resume: bool) -> dict[str, 
 
 def single_process(run: dict[str, Any]) -> Any:
     """The same module, one process, batch 2B, fed the rollouts both ranks sampled (rank 0's first)."""
-    from test_module_support import trainer
+    from test_module_support import fit, trainer
 
     ranks = run["a"]
     per_step = [[ranks[0]["recorded"][t], ranks[1]["recorded"][t]] for t in range(STEPS)]
-    module = build_module(run["cfg"], world=1)
-    module.engine = ReplayEngine(per_step, module.tokenizer.pad_token_id)
-    trainer(None, max_steps=STEPS).fit(module)
-    assert module.engine.calls == STEPS
+    pad = build_module(run["cfg"], world=1).tokenizer.pad_token_id
+    engine = ReplayEngine(per_step, pad)
+    module = build_module(run["cfg"], world=1, engine=engine)
+    fit(trainer(None, max_steps=STEPS), module)
+    assert engine.calls == STEPS
     return module
 
 
@@ -245,7 +246,7 @@ def test_export_is_a_consolidated_hf_folder(fsdp_run: dict[str, Any], single: An
     exported = loaded.state_dict()
     for name, value in trained.items():
         assert torch.equal(exported[name], value), name  # exactly the trained (gathered) weights
-    assert _max_diff({k: exported[k] for k in trained}, {k: v for k, v in single.actor.state_dict().items()
+    assert _max_diff({k: exported[k] for k in trained}, {k: v for k, v in single.model.actor.state_dict().items()
                                                          if k in trained}) <= WEIGHT_ATOL
     tok = load_tokenizer(str(folder))
     assert tok("say a")["input_ids"] == single.tokenizer("say a")["input_ids"]
@@ -315,7 +316,7 @@ def test_bf16_mixed_precision_activation_checkpointing_and_4bit_reference(tmp_pa
         assert not rank["ref_in_state_dict"]
         assert rank["checkpointing"] == [[False, False], [False, False]]  # from FSDPConfig.activation_checkpointing
     single = single_process(run)
-    assert single.ref is not None and not any(k.startswith("ref.") for k in single.state_dict())
+    assert single.model.reference is not None and not any(k.startswith("ref.") for k in single.state_dict())
     stats = compare_with_single_process(run, single)
     for diff, value, where in stats["metric_diffs"]:
         assert math.isfinite(diff), where

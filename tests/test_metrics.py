@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tre_lightning.metrics import MeanReward, PassAtK, eval_metrics, pass_at_k, update_eval_metrics
+from tre_lightning.evaluation.metrics import MeanReward, PassAtK, eval_metrics, pass_at_k, update_eval_metrics
 
 
 @pytest.mark.parametrize(

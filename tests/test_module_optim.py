@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from test_module_support import LengthTask, tiny_module, trainer
+from test_module_support import LengthTask, tiny_module, fit, trainer, validate
 
-from tre_lightning.models.optimization import clip_grad_norm, lr_factor
+from tre_lightning.training.optim import clip_grad_norm, lr_factor
 
 
 def test_lr_factor() -> None:
@@ -31,7 +31,7 @@ def test_schedules_step_once_per_iteration() -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             lrs.append([g["lr"] for opt in trainer.optimizers for g in opt.param_groups])
 
-    trainer(max_steps=4, callbacks=[Record()]).fit(module)
+    fit(trainer(max_steps=4, callbacks=[Record()]), module)
     # warm-up over 2 iterations, then linear decay to 0 at max_steps = 4
     expected = [1e-3 * lr_factor(s, 2, 4, "linear", 0.0) for s in range(4)]
     assert [a for a, _ in lrs] == pytest.approx(expected)

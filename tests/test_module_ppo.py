@@ -1,5 +1,6 @@
 """The PPO update of PPOModule against an independent, hand-written PPO step,
-and regularizers with coefficient 0 against no regularizer."""
+and regularizers at their neutral settings (coefficient 0, ``unselected_weight=1``, ``detach_prob=0``)
+against no regularizer."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from test_module_support import LengthTask, fixed_engine_for, tiny_module, tiny_source, trainer
+from test_module_support import LengthTask, fixed_engine_for, tiny_module, tiny_source, fit, trainer, validate
 
 from tre_lightning import regularizers as R
 
@@ -84,8 +85,8 @@ def test_update_equals_hand_written_ppo(micro: int) -> None:
         shuffle=False, n=2, max_new_tokens=6, eps=EPS,
     )
     module.configure_model()
-    actor0, critic0 = copy.deepcopy(module.actor), copy.deepcopy(module.critic)
-    trainer(max_steps=1).fit(module)
+    actor0, critic0 = copy.deepcopy(module.model.actor), copy.deepcopy(module.model.critic)
+    fit(trainer(max_steps=1), module)
 
     rollout = engine.rollouts[0]
     # score independently: LengthTask's reward is the number of characters of the valid,
@@ -100,10 +101,10 @@ def test_update_equals_hand_written_ppo(micro: int) -> None:
 
     _reference_step(actor0, critic0, rollout, scores, mini_rows=[torch.tensor([0, 1]), torch.tensor([2, 3])], lr=LR)
 
-    got, want = _params(module.actor), _params(actor0)
+    got, want = _params(module.model.actor), _params(actor0)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
-    got_c, want_c = _params(module.critic), _params(critic0)
+    got_c, want_c = _params(module.model.critic), _params(critic0)
     for name in want_c:
         torch.testing.assert_close(got_c[name], want_c[name], rtol=1e-4, atol=1e-5, msg=name)
 
@@ -115,8 +116,8 @@ def test_micro_batch_accumulation_matches_one_pass() -> None:
         source = tiny_source()
         module = tiny_module(LengthTask(), engine=fixed_engine_for(source), source=source, batch_size=2,
                              mini_batch_size=2, micro_batch_size=micro, lr=LR, shuffle=False, eps=EPS)
-        trainer(max_steps=1).fit(module)
-        results.append(_params(module.actor))
+        fit(trainer(max_steps=1), module)
+        results.append(_params(module.model.actor))
     for name in results[0]:
         torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-4, atol=1e-5, msg=name)
 
@@ -126,9 +127,9 @@ ZERO_COEF = {
     "tre_k": lambda: R.TREK(coef=0.0),
     "tre_p": lambda: R.TREP(coef=0.0),
     "min_ent": lambda: R.MinEnt(coef=0.0),
-    "forking": lambda: R.ForkingTokens(coef=0.0),
+    "forking": lambda: R.ForkingTokens(unselected_weight=1.0),
     "kl_cov": lambda: R.KLCov(coef=0.0),
-    "clip_cov": lambda: R.ClipCov(coef=0.0),
+    "clip_cov": lambda: R.ClipCov(detach_prob=0.0),
 }
 
 
@@ -136,8 +137,8 @@ def _run(regularizers) -> dict[str, torch.Tensor]:
     source = tiny_source()
     module = tiny_module(LengthTask(), regularizers, fixed_engine_for(source), source=source, lr=LR,
                          micro_batch_size=2, eps=EPS)
-    trainer(max_steps=2).fit(module)
-    return _params(module.actor)
+    fit(trainer(max_steps=2), module)
+    return _params(module.model.actor)
 
 
 def test_zero_coefficients_give_vanilla_ppo() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_module_support import CharTask, tiny_module, trainer
+from test_module_support import CharTask, tiny_module, fit, trainer, validate
 
 N_STEPS = 4  # 8 training prompts, 4 per step: the run crosses an epoch boundary after step 2
 
@@ -27,8 +27,8 @@ def _module():
 
 
 def _state(module) -> dict[str, torch.Tensor]:
-    out = {f"actor.{k}": v.clone() for k, v in module.actor.state_dict().items()}
-    out.update({f"critic.{k}": v.clone() for k, v in module.critic.state_dict().items()})
+    out = {f"actor.{k}": v.clone() for k, v in module.model.actor.state_dict().items()}
+    out.update({f"critic.{k}": v.clone() for k, v in module.model.critic.state_dict().items()})
     return out
 
 
@@ -36,7 +36,7 @@ def _fit(tmp_path, module, max_steps, record, ckpt_path=None):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=-1)
     t = trainer(tmp_path, max_steps=max_steps, callbacks=[record, checkpoint], enable_checkpointing=True,
                 limit_val_batches=1, val_check_interval=3, check_val_every_n_epoch=None)
-    t.fit(module, ckpt_path=ckpt_path)
+    fit(t, module, ckpt_path=ckpt_path)
     return t
 
 
@@ -68,24 +68,26 @@ def test_checkpoint_holds_rng_and_data_position(tmp_path) -> None:
     _fit(tmp_path, module, 1, Record())
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     state = ckpt["tre_lightning"]
-    assert state["data_position"] == {"epoch": 0, "batch": 1}
+    assert ckpt["PromptDataModule"]["data_position"] == {"epoch": 0, "batch": 1}
     assert {"torch", "python", "numpy"} <= set(state["rng"])
     assert len(ckpt["optimizer_states"]) == 2 and len(ckpt["lr_schedulers"]) == 2
-    assert any(k.startswith("actor.") for k in ckpt["state_dict"])
-    assert any(k.startswith("critic.") for k in ckpt["state_dict"])
+    assert any(k.startswith("model.actor.") for k in ckpt["state_dict"])
+    assert any(k.startswith("model.critic.") for k in ckpt["state_dict"])
 
 
 def test_load_from_checkpoint_with_objects(tmp_path) -> None:
     from test_module_support import tiny_source
 
-    from tre_lightning.module import PPOModule
+    from tre_lightning.models import ActorCritic
+    from tre_lightning.training import PPOModule
 
     module = _module()
     _fit(tmp_path, module, 1, Record())
     path = tmp_path / "ckpt" / "last.ckpt"
     with pytest.raises(TypeError, match="Pass the objects again"):
         PPOModule.load_from_checkpoint(path)
-    loaded = PPOModule.load_from_checkpoint(path, policy=tiny_source(), task=CharTask(n_train=8, binary=True))
-    assert loaded.ppo_cfg == module.ppo_cfg and loaded.rollout_cfg == module.rollout_cfg
-    for k, v in module.actor.state_dict().items():
-        assert torch.equal(loaded.actor.state_dict()[k], v), k
+    loaded = PPOModule.load_from_checkpoint(path, model=ActorCritic(tiny_source()),
+                                            task=CharTask(n_train=8, binary=True))
+    assert loaded.ppo == module.ppo and loaded.rollout == module.rollout
+    for k, v in module.model.actor.state_dict().items():
+        assert torch.equal(loaded.model.actor.state_dict()[k], v), k

@@ -6,6 +6,7 @@
   of the prompt (seeded by its tokens), with eos at varying positions, so
   two modules see exactly the same rollouts.
 - :func:`tiny_module`: a PPOModule on a tiny random Qwen2.
+- :func:`fit`: ``trainer.fit`` with the module's :class:`PromptDataModule`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tre_lightning.config import EvalConfig, OptimConfig, PPOConfig, RolloutConfig
-from tre_lightning.models import TinyRandomSource
+from tre_lightning.evaluation import EvalConfig
+from tre_lightning.models import ActorCritic, TinyRandomSource
+from tre_lightning.training import OptimConfig, PPOConfig, PromptDataModule, RolloutConfig
 from tre_lightning.rollout.base import Rollout, SamplingParams
 
 LETTERS = "abcdefghijklmnopqrstuvwx"
@@ -26,6 +28,8 @@ LETTERS = "abcdefghijklmnopqrstuvwx"
 
 class CharTask:
     """Prompts "say <c>"; reward: fraction of response characters equal to c (binary: c appears)."""
+
+    score_isolation = "thread"  # a few characters counted: no worker process needed (and none started)
 
     name = "char"
 
@@ -143,18 +147,23 @@ def tiny_module(
     source: Any = None,
     **kwargs: Any,
 ):
-    from tre_lightning.module import PPOModule
+    from tre_lightning.training import PPOModule
 
     ppo_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in PPOConfig.__dataclass_fields__}
     optim_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in OptimConfig.__dataclass_fields__}
+    model_kwargs = {k: kwargs.pop(k) for k in list(kwargs)
+                    if k in ("critic", "reference", "share_backbone", "gradient_checkpointing", "fsdp")}
+    rollout_kwargs = dict(max_prompt_length=64)
+    rollout_kwargs.update({k: kwargs.pop(k) for k in list(kwargs) if k in (
+        "score_timeout", "score_isolation", "temperature", "top_p", "top_k", "max_prompt_length", "prompt_overflow")})
     optim_defaults = dict(actor_lr=lr, critic_lr=lr, critic_warmup_ratio=0.0)
     optim_defaults.update(optim_kwargs)
     return PPOModule(
-        policy=source if source is not None else tiny_source(),
+        model=ActorCritic(source if source is not None else tiny_source(), **model_kwargs),
         task=task if task is not None else CharTask(),
         regularizers=regularizers,
         engine=engine,
-        rollout=RolloutConfig(n=n, max_new_tokens=max_new_tokens, max_prompt_length=64),
+        rollout=RolloutConfig(n=n, max_new_tokens=max_new_tokens, **rollout_kwargs),
         ppo=PPOConfig(batch_size=batch_size, mini_batch_size=mini_batch_size, micro_batch_size=micro_batch_size,
                       **ppo_kwargs),
         optim=OptimConfig(**optim_defaults),
@@ -167,6 +176,17 @@ def tiny_module(
 def fixed_engine_for(source: TinyRandomSource) -> FixedEngine:
     tok = source.tokenizer()
     return FixedEngine(len(tok), tok.eos_token_id, tok.pad_token_id)
+
+
+def fit(t: Any, module: Any, **kwargs: Any) -> Any:
+    """``t.fit(module)`` on the module's prompts (``PromptDataModule.for_module``); returns ``t``."""
+    t.fit(module, datamodule=PromptDataModule.for_module(module), **kwargs)
+    return t
+
+
+def validate(t: Any, module: Any, **kwargs: Any) -> Any:
+    """``t.validate(module)`` on the module's validation prompts."""
+    return t.validate(module, datamodule=PromptDataModule.for_module(module), **kwargs)
 
 
 def trainer(tmp_path: Any = None, **kwargs: Any):

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-import tre_lightning.optim as optim_mod
-from tre_lightning.optim import adamw8bit_class, build_optimizer
+import tre_lightning.training.adamw8bit as optim_mod
+from tre_lightning.training.adamw8bit import adamw8bit_class, build_optimizer
 
 needs_bnb = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes>=0.50 (the quant extra)"

@@ -13,10 +13,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A non-editable install into a fresh folder, built from a clean copy of the source tree (an in-tree
+    build reuses ``build/`` and would ship files that were removed since the last build)."""
+    import shutil
+
+    source = tmp_path_factory.mktemp("source") / "tre-lightning"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        "build", "dist", ".venv", ".git", "*.egg-info", "__pycache__", "outputs", "multirun", "runs", ".hypothesis"))
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(ROOT)],
+         "--target", str(target), str(source)],
         check=True,
         capture_output=True,
         text=True,

@@ -9,10 +9,10 @@ from collections import Counter
 import pytest
 import torch
 
-from tre_lightning.quickstart import EmbeddedTask, Puzzle, WarmStartConfig, WarmStartSource, check
-from tre_lightning.quickstart import puzzles as pz
-from tre_lightning.quickstart import warmstart as ws
-from tre_lightning.quickstart.tokenizer import QUICKSTART_CHARS, is_filler, quickstart_tokenizer, useful_token_ids
+from tre_lightning.tasks.embedded import EmbeddedTask, Puzzle, WarmStartConfig, WarmStartSource, check
+from tre_lightning.tasks.embedded import puzzles as pz
+from tre_lightning.tasks.embedded import warmstart as ws
+from tre_lightning.tasks.embedded.tokenizer import QUICKSTART_CHARS, is_filler, quickstart_tokenizer, useful_token_ids
 from tre_lightning.tasks.base import Task
 
 # ----------------------------------------------------------------- checker

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_module
 
 import tre_lightning.conf
 
-from tre_lightning.quickstart.report import load_run
+from tre_lightning.evaluation.report import load_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -39,8 +39,8 @@ TINY = [
     "ppo.batch_size=4",
     "ppo.mini_batch_size=2",
     "ppo.micro_batch_size=8",
-    "eval.n=2",
-    "eval.batch_size=8",
+    "evaluation.n=2",
+    "evaluation.batch_size=8",
     "trainer.max_steps=2",
     "trainer.val_check_interval=2",
     "trainer.enable_progress_bar=false",
@@ -57,20 +57,19 @@ def _compose(overrides: list[str], **kwargs):
 
 
 def test_defaults_are_the_embedded_quickstart(tmp_path) -> None:
-    from hydra.utils import instantiate
-
-    from tre_lightning.quickstart import EmbeddedTask, WarmStartSource
+    from tre_lightning.cli.train import build
     from tre_lightning.regularizers import TREP
+    from tre_lightning.tasks.embedded import EmbeddedTask, WarmStartSource
 
     cfg = _compose([f"output_dir={tmp_path}"])
     assert cfg.validate_first is True
     assert cfg.callbacks.run_report is not None
-    task = instantiate(cfg.task)
-    source = instantiate(cfg.model.policy, _convert_="all")
+    module = build(cfg).module
+    task, source = module.task, module.model.policy_source
     assert isinstance(task, EmbeddedTask) and isinstance(source, WarmStartSource)
-    assert source.task.config() == task.config()  # the warm start learns the task it is evaluated on
+    assert source.task is task  # the warm start learns the task it is evaluated on (bound by the module)
     assert len(source.tokenizer()) == 4096
-    assert [type(r) for r in instantiate(cfg.regularizers).values()] == [TREP]
+    assert [type(r) for r in module.regularizers] == [TREP]
     # "after" is a validation on the last iteration
     assert cfg.trainer.max_steps % cfg.trainer.val_check_interval == 0
 
@@ -78,18 +77,18 @@ def test_defaults_are_the_embedded_quickstart(tmp_path) -> None:
 def test_sweep_preset(tmp_path) -> None:
     cfg = _compose([f"output_dir={tmp_path}", "experiment=quickstart_sweep"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    regs = params.regularizer.split(",")
+    regs = params.regularizers.split(",")
     assert regs == ["none", "ent", "tre_k", "tre_p", "min_ent", "forking", "kl_cov"]
     assert params.seed.split(",") == ["0", "1", "2"]
     conf = Path(tre_lightning.conf.__file__).parent
     for name in regs:
-        assert (conf / "regularizer" / f"{name}.yaml").is_file(), name
+        assert (conf / "regularizers" / f"{name}.yaml").is_file(), name
     assert cfg.hydra.runtime.choices.model == "embedded"
     assert cfg.validate_first is True
 
 
 def test_tre_train_quickstart_writes_the_report(tmp_path, capsys) -> None:
-    from tre_lightning.train import run
+    from tre_lightning.cli.train import run
 
     cfg = _compose([f"output_dir={tmp_path}", f"model.policy.cache_dir={tmp_path / 'cache'}", *TINY])
     run(cfg)
@@ -126,7 +125,7 @@ def _script(name: str) -> str:
 def test_sweep_subset_then_tre_plot(tmp_path) -> None:
     sweep = tmp_path / "sweep"
     env = {**os.environ, "TRE_LIGHTNING_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    cmd = [_script("tre-train"), "-m", "experiment=quickstart_sweep", "regularizer=none,tre_p", "seed=0",
+    cmd = [_script("tre-train"), "-m", "experiment=quickstart_sweep", "regularizers=none,tre_p", "seed=0",
            f"hydra.sweep.dir={sweep}", *TINY]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

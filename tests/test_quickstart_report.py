@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tre_lightning.plot import main as tre_plot
-from tre_lightning.quickstart.report import (
+from tre_lightning.cli.plot import main as tre_plot
+from tre_lightning.evaluation.report import (
     RunHistory,
     ema,
     find_runs,

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import tre_lightning.checkpoint as ckpt_mod
-from tre_lightning.checkpoint import AtomicCheckpointIO, atomic_save, with_atomic_checkpoint_io
+import tre_lightning.training.checkpoint_io as ckpt_mod
+from tre_lightning.training.checkpoint_io import AtomicCheckpointIO, atomic_save, with_atomic_checkpoint_io
 
 TESTS = Path(__file__).resolve().parent
 MAX_STEPS = 4
@@ -53,7 +53,7 @@ def _command() -> list[str]:
     import shutil
 
     found = shutil.which("tre-train", path=os.path.dirname(sys.executable))
-    return [found] if found else [sys.executable, "-m", "tre_lightning.train"]
+    return [found] if found else [sys.executable, "-m", "tre_lightning.cli.train"]
 
 
 def _env() -> dict[str, str]:
@@ -126,7 +126,8 @@ def _assert_same_final(a: dict, b: dict) -> None:
         for p, state in oa["state"].items():
             for name, value in state.items():
                 torch.testing.assert_close(ob["state"][p][name], value, rtol=1e-5, atol=1e-6)
-    assert a["tre_lightning"]["data_position"] == b["tre_lightning"]["data_position"]
+    assert a["PromptDataModule"]["data_position"] == b["PromptDataModule"]["data_position"]
+    assert a["tre_lightning"]["rng"]["python"] == b["tre_lightning"]["rng"]["python"]
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path) -> None:
@@ -210,12 +211,13 @@ def test_a_stale_temporary_file_is_removed_by_the_next_save(tmp_path) -> None:
 def test_trainer_crash_while_saving_last_keeps_it_loadable_and_resumable(tmp_path, monkeypatch) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from test_module_support import CharTask, tiny_module, trainer
+    from test_module_support import fit as fit_module
 
     def fit(max_steps: int, ckpt_path: str | None = None):
         checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=-1)
         t = trainer(tmp_path, max_steps=max_steps, callbacks=[checkpoint], enable_checkpointing=True,
                     plugins=[AtomicCheckpointIO()])
-        t.fit(tiny_module(CharTask(), batch_size=4, mini_batch_size=2), ckpt_path=ckpt_path)
+        fit_module(t, tiny_module(CharTask(), batch_size=4, mini_batch_size=2), ckpt_path=ckpt_path)
         return t
 
     fit(1)
@@ -245,24 +247,25 @@ def test_atomic_checkpoint_io_is_the_default_of_both_entry_points(tmp_path, monk
     from hydra import compose, initialize_config_module
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    from tre_lightning.train import build_trainer
+    from tre_lightning.cli.train import build
 
+    tiny = ["model=tiny_random", "task=countdown", "task.train_size=8", "task.val_size=2", "ppo=tiny", "rollout=tiny"]
     with initialize_config_module(config_module="tre_lightning.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[f"output_dir={tmp_path}", "trainer=cpu", "logger=none"])
-        assert isinstance(build_trainer(cfg).strategy.checkpoint_io, AtomicCheckpointIO)
+        cfg = compose("train", overrides=[f"output_dir={tmp_path}", "trainer=cpu", "logger=none", *tiny])
+        assert isinstance(build(cfg).trainer.strategy.checkpoint_io, AtomicCheckpointIO)
         own_io = "+trainer.plugins=[{_target_:lightning.pytorch.plugins.io.TorchCheckpointIO}]"
-        own = compose("train", overrides=[f"output_dir={tmp_path}", "trainer=cpu", "logger=none", own_io])
-        io = build_trainer(own).strategy.checkpoint_io
+        own = compose("train", overrides=[f"output_dir={tmp_path}", "trainer=cpu", "logger=none", own_io, *tiny])
+        io = build(own).trainer.strategy.checkpoint_io
         assert type(io) is TorchCheckpointIO  # the user's own CheckpointIO wins
 
-    from tre_lightning.cli import run
+    from tre_lightning.cli.lightning import run
 
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "c.yaml"
     config.write_text(
         "trainer: {accelerator: cpu, logger: false}\n"
         "model:\n"
-        "  policy: {class_path: tre_lightning.models.TinyRandomSource, init_args: {hidden_size: 32}}\n"
+        "  model: {policy: {class_path: tre_lightning.models.TinyRandomSource, init_args: {hidden_size: 32}}}\n"
         "  task: {class_path: tre_lightning.tasks.CountdownTask, init_args: {train_size: 8, val_size: 2}}\n"
         "  rollout: {n: 2}\n"
         "  ppo: {batch_size: 4, mini_batch_size: 2, micro_batch_size: 2}\n"

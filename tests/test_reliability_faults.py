@@ -14,17 +14,18 @@ import warnings
 import pytest
 import torch
 from lightning.pytorch import Callback
-from test_module_support import CharTask, tiny_module, trainer
+from test_module_support import CharTask, tiny_module, fit, trainer, validate
 
 from tre_lightning import regularizers as R
-from tre_lightning.data import render_prompts
-from tre_lightning.module import NonFiniteError
+from tre_lightning.training.data import render_prompts
+from tre_lightning.training import NonFiniteError
 
 
 class Poison:
     """A regularizer that makes the loss (``kind="loss"``) or only the gradient (``kind="grad"``)
     non-finite while ``active``; a no-op otherwise."""
 
+    name = "poison"
     coef = 1.0
 
     def __init__(self, kind: str) -> None:
@@ -56,8 +57,8 @@ class Schedule(Callback):
         self.metrics.append(dict(outputs["metrics"]))
         optimizers = [o.optimizer if hasattr(o, "optimizer") else o for o in trainer.optimizers]
         self.snapshots.append({
-            "actor": {k: v.detach().clone() for k, v in pl_module.actor.state_dict().items()},
-            "critic": {k: v.detach().clone() for k, v in pl_module.critic.state_dict().items()},
+            "actor": {k: v.detach().clone() for k, v in pl_module.model.actor.state_dict().items()},
+            "critic": {k: v.detach().clone() for k, v in pl_module.model.critic.state_dict().items()},
             "optim": [_clone_state(o.state_dict()) for o in optimizers],
         })
 
@@ -93,7 +94,7 @@ def _fit(poison: Poison, poisoned: set[int], steps: int, limit: int = 3) -> tupl
     module = tiny_module(CharTask(), [poison], batch_size=4, mini_batch_size=2, max_consecutive_nonfinite=limit)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer(max_steps=steps, callbacks=[schedule]).fit(module)
+        fit(trainer(max_steps=steps, callbacks=[schedule]), module)
     messages = [str(w.message) for w in caught if "optimizer step skipped" in str(w.message)]
     return schedule, messages
 
@@ -124,15 +125,15 @@ def test_too_many_in_a_row_stop_with_a_clear_error(kind: str) -> None:
     schedule = Schedule(Poison(kind), poisoned={1, 2, 3})
     module = tiny_module(CharTask(), [schedule.poison], batch_size=4, mini_batch_size=2, max_consecutive_nonfinite=3)
     module.configure_model()
-    before = {k: v.detach().clone() for k, v in module.actor.state_dict().items()}
+    before = {k: v.detach().clone() for k, v in module.model.actor.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(NonFiniteError) as info:
-            trainer(max_steps=5, callbacks=[schedule]).fit(module)
+            fit(trainer(max_steps=5, callbacks=[schedule]), module)
     assert "3 optimizer steps in a row" in str(info.value)
     assert "PPOConfig.max_consecutive_nonfinite=3" in str(info.value)
-    assert module._nonfinite_total == 3 and len(schedule.metrics) == 1  # stopped in the 2nd iteration
-    for k, v in module.actor.state_dict().items():
+    assert module.learner.nonfinite_total == 3 and len(schedule.metrics) == 1  # stopped in the 2nd iteration
+    for k, v in module.model.actor.state_dict().items():
         assert torch.equal(before[k], v), k
 
 
@@ -181,8 +182,6 @@ def test_long_prompts_are_rejected_by_configuration() -> None:
 
 @pytest.mark.parametrize("overflow", ["truncate_left", "error"])
 def test_prompt_overflow_in_training(overflow: str) -> None:
-    from tre_lightning.config import RolloutConfig
-
     class Record(Callback):
         def __init__(self) -> None:
             self.truncated: list[float] = []
@@ -190,14 +189,14 @@ def test_prompt_overflow_in_training(overflow: str) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.truncated.append(outputs["metrics"]["train/truncated_prompts"])
 
-    module = tiny_module(LongPrompts(), batch_size=4, mini_batch_size=2)
-    module.rollout_cfg = RolloutConfig(n=2, max_new_tokens=4, max_prompt_length=40, prompt_overflow=overflow)
+    module = tiny_module(LongPrompts(), batch_size=4, mini_batch_size=2, n=2, max_new_tokens=4, max_prompt_length=40,
+                         prompt_overflow=overflow)
     record = Record()
     if overflow == "error":
         with pytest.raises(ValueError, match="prompt_overflow='error'"):
-            trainer(max_steps=1, callbacks=[record]).fit(module)
+            fit(trainer(max_steps=1, callbacks=[record]), module)
         assert record.truncated == []
     else:
         with pytest.warns(UserWarning, match="4 of 4 prompts were longer"):
-            trainer(max_steps=2, callbacks=[record]).fit(module)
+            fit(trainer(max_steps=2, callbacks=[record]), module)
         assert record.truncated == [4.0, 4.0]

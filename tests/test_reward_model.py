@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from tre_lightning.reward_model import (
+from tre_lightning.training.reward_model import (
     PreferenceCollator,
     PreferenceDataModule,
     RewardModelModule,
@@ -155,7 +155,7 @@ def test_cosine_schedule_with_warmup(base_model: str, pref_files: tuple[str, str
 def test_hydra_config_trains_and_saves(base_model: str, pref_files: tuple[str, str], tmp_path: Path) -> None:
     from hydra import compose, initialize_config_module
 
-    from tre_lightning.train_rm import train
+    from tre_lightning.cli.train_rm import train
 
     with initialize_config_module(config_module="tre_lightning.conf", version_base="1.3"):
         cfg = compose(
@@ -175,7 +175,7 @@ def test_hydra_config_trains_and_saves(base_model: str, pref_files: tuple[str, s
 
 
 def test_lightning_cli_fit(base_model: str, pref_files: tuple[str, str], tmp_path: Path) -> None:
-    from tre_lightning.reward_model import cli_main
+    from tre_lightning.training.reward_model import cli_main
 
     cli_main(
         [
@@ -191,7 +191,7 @@ def test_lightning_cli_fit(base_model: str, pref_files: tuple[str, str], tmp_pat
 
 def test_console_entry_explains_itself() -> None:
     exe = shutil.which("tre-train-rm")
-    cmd = [exe, "--help"] if exe else [sys.executable, "-m", "tre_lightning.train_rm", "--help"]
+    cmd = [exe, "--help"] if exe else [sys.executable, "-m", "tre_lightning.cli.train_rm", "--help"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
     for needle in ("tre-train-rm", "Usage", "model_path", "train_path", "save_dir", "center_rewards_coefficient",
                    "Bradley-Terry", "accumulate_grad_batches"):

@@ -32,9 +32,9 @@ from hydra import compose, initialize_config_module
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from test_module_support import CharTask, tiny_module, tiny_source, trainer
+from test_module_support import CharTask, tiny_module, tiny_source, fit, trainer, validate
 
-from tre_lightning.extras import missing_extra
+from tre_lightning.cli.errors import missing_extra
 from tre_lightning.models.fsdp import FSDPConfig, has_4bit_layers, is_sharded
 from tre_lightning.rollout.vllm import VLLMUnavailableError
 
@@ -60,19 +60,19 @@ def test_fsdp_config_validates_and_maps_to_shard_model() -> None:
 
 
 def test_module_takes_fsdp_options_and_stores_them() -> None:
-    module = tiny_module(fsdp={"mixed_precision": "bf16", "activation_checkpointing": True})
-    assert module.fsdp_cfg == FSDPConfig(mixed_precision="bf16", activation_checkpointing=True)
-    assert module.hparams["fsdp"]["mixed_precision"] == "bf16"
-    assert tiny_module().fsdp_cfg == FSDPConfig()
+    module = tiny_module(fsdp=FSDPConfig(mixed_precision="bf16", activation_checkpointing=True))
+    assert module.model.fsdp == FSDPConfig(mixed_precision="bf16", activation_checkpointing=True)
+    assert "mixed_precision='bf16'" in module.hparams["model"]  # the checkpoint records the sharding options
+    assert tiny_module().model.fsdp == FSDPConfig()
 
 
 def test_without_model_parallel_strategy_nothing_is_sharded() -> None:
     module = tiny_module(gradient_checkpointing=True)
     module.configure_model()
     assert module.device_mesh is None
-    assert not is_sharded(module.actor) and not is_sharded(module.critic)
+    assert not is_sharded(module.model.actor) and not is_sharded(module.model.critic)
     # gradient checkpointing without FSDP2: HF's own, on every decoder layer
-    assert all(layer.gradient_checkpointing for layer in module.actor.model.layers)
+    assert all(layer.gradient_checkpointing for layer in module.model.actor.model.layers)
 
 
 class _FakeMesh:
@@ -90,12 +90,12 @@ def test_tensor_parallelism_is_refused() -> None:
 
 
 def test_tre_train_passes_the_fsdp_node_to_the_module(tmp_path: Path) -> None:
-    from tre_lightning.train import build_module
+    from tre_lightning.cli.train import build
 
     cfg = _compose(["model=tiny_random", "task=countdown", "task.train_size=8", "task.val_size=2", "ppo=tiny",
-                    "rollout=tiny", "strategy=fsdp", "fsdp.reshard_after_forward=false"], tmp_path)
-    module = build_module(cfg)
-    assert module.fsdp_cfg == FSDPConfig(mixed_precision="bf16", reshard_after_forward=False)
+                    "rollout=tiny", "strategy=fsdp", "model.fsdp.reshard_after_forward=false"], tmp_path)
+    module = build(cfg).module
+    assert module.model.fsdp == FSDPConfig(mixed_precision="bf16", reshard_after_forward=False)
 
 
 @pytest.mark.slow
@@ -113,9 +113,9 @@ def test_tre_train_fsdp_two_processes_run_resume_export(tmp_path: Path) -> None:
         proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
                      "127.0.0.1", "--master-port", str(port), "--no-python", _script("tre-train"),
                      "model=tiny_random", "task=countdown", "task.train_size=32", "task.val_size=4",
-                     "rollout=tiny", "ppo=tiny", "optim=tiny", "eval=tiny", "trainer=cpu", "trainer.devices=2",
+                     "rollout=tiny", "ppo=tiny", "optim=tiny", "evaluation=tiny", "trainer=cpu", "trainer.devices=2",
                      "trainer.enable_progress_bar=false", "trainer.val_check_interval=2", "validate_first=false",
-                     "strategy=fsdp", "fsdp.mixed_precision=none",
+                     "strategy=fsdp", "model.fsdp.mixed_precision=none",
                      "callbacks.checkpoint.every_n_train_steps=1", f"hydra.run.dir={tmp_path / 'run'}",
                      f"export_hf={tmp_path / 'run' / 'hf_model'}", *extra], tmp_path)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -159,12 +159,12 @@ def test_4bit_reference_is_frozen_unregistered_and_used_for_the_kl(wide_folder: 
     module = tiny_module(CharTask(), source=PretrainedSource(str(wide_folder), dtype="float32"),
                          reference=reference, kl_coef=0.1)
     record = Metrics()
-    trainer(max_steps=2, callbacks=[record]).fit(module)
-    assert has_4bit_layers(module.ref)
-    assert not any(p.requires_grad for p in module.ref.parameters())
+    fit(trainer(max_steps=2, callbacks=[record]), module)
+    assert has_4bit_layers(module.model.reference)
+    assert not any(p.requires_grad for p in module.model.reference.parameters())
     # outside the module tree: not in the state dict (checkpoints), not among the trained parameters
     assert not any(k.startswith("ref.") for k in module.state_dict())
-    assert all(m is not module.ref for m in module.modules())
+    assert all(m is not module.model.reference for m in module.modules())
     # the KL against the NF4 copy of the initial policy: nonzero (quantization), small, finite
     assert len(record.kl) == 2 and all(0 < abs(v) < 1.0 for v in record.kl)
 
@@ -173,9 +173,10 @@ def test_4bit_reference_is_frozen_unregistered_and_used_for_the_kl(wide_folder: 
 def test_4bit_is_refused_for_the_trained_policy(wide_folder: Path) -> None:
     from tre_lightning.models import PretrainedSource
 
-    module = tiny_module(source=PretrainedSource(str(wide_folder), load_in_4bit=True))
-    with pytest.raises(ValueError, match="frozen models"):
-        module.configure_model()
+    from tre_lightning.checks import ArgumentError
+
+    with pytest.raises(ArgumentError, match=r"^policy\.load_in_4bit must be false: 4-bit loading is for frozen models"):
+        tiny_module(source=PretrainedSource(str(wide_folder), load_in_4bit=True))  # refused when built
 
 
 # --------------------------------------------------------------------------- engine group
@@ -251,7 +252,7 @@ def _no_vllm() -> None:
 
 
 TINY_TRAIN = ["task=countdown", "task.train_size=32", "task.val_size=4", "rollout=tiny", "ppo=tiny", "optim=tiny",
-              "eval=tiny", "trainer=cpu", "trainer.max_steps=1", "trainer.enable_progress_bar=false",
+              "evaluation=tiny", "trainer=cpu", "trainer.max_steps=1", "trainer.enable_progress_bar=false",
               "validate_first=false", "export_hf=null", "logger=none", "callbacks=minimal"]
 
 
@@ -268,14 +269,14 @@ def test_tre_train_bitsandbytes_missing(tmp_path: Path) -> None:
     _assert_clean_exit(proc, "tre-train", "pip install 'tre-lightning[quant]'")
 
 
-LIGHTNING_TINY = ["--model.policy", "tre_lightning.models.TinyRandomSource", "--model.policy.hidden_size", "32",
+LIGHTNING_TINY = ["--model.model.policy", "tre_lightning.models.TinyRandomSource", "--model.model.policy.hidden_size", "32",
                   "--model.rollout.max_new_tokens", "8", "--model.evaluation.max_new_tokens", "8",
                   "--trainer.max_steps", "1", "--trainer.accelerator", "cpu", "--trainer.logger", "false",
                   "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0"]
 
 
 def test_tre_lightning_vllm_missing(tmp_path: Path) -> None:
-    from tre_lightning.cli import EXAMPLE_CONFIG
+    from tre_lightning.cli.lightning import EXAMPLE_CONFIG
 
     _no_vllm()
     proc = _run([_script("tre-lightning"), "fit", "--config", str(EXAMPLE_CONFIG), *LIGHTNING_TINY,
@@ -285,7 +286,7 @@ def test_tre_lightning_vllm_missing(tmp_path: Path) -> None:
 
 
 def test_tre_lightning_bitsandbytes_missing(tmp_path: Path) -> None:
-    from tre_lightning.cli import EXAMPLE_CONFIG
+    from tre_lightning.cli.lightning import EXAMPLE_CONFIG
 
     proc = _run([_script("tre-lightning"), "fit", "--config", str(EXAMPLE_CONFIG), *LIGHTNING_TINY,
                  "--model.optim.eight_bit", "true", "--trainer.default_root_dir", str(tmp_path)], tmp_path,
@@ -350,7 +351,7 @@ def test_doc_hydra_command_composes(argv: list[str], tmp_path: Path) -> None:
         assert (strategy["data_parallel_size"], strategy["tensor_parallel_size"]) == (world, 1)
         assert isinstance(instantiate(OmegaConf.create(strategy)), ModelParallelStrategy)
         assert trainer_cfg["precision"] == "32-true"
-        assert isinstance(instantiate(cfg.fsdp), FSDPConfig)
+        assert isinstance(instantiate(cfg.model.fsdp), FSDPConfig)
         assert cfg.model.policy.dtype == "float32"  # fp32 master weights, bf16 compute
         if any(a.startswith("experiment=paper_") for a in argv):
             assert cfg.ppo.batch_size * world == 512 and cfg.ppo.mini_batch_size * world == 64
@@ -359,8 +360,8 @@ def test_doc_hydra_command_composes(argv: list[str], tmp_path: Path) -> None:
     if "+engine=vllm" in argv:
         assert cfg.engine._target_ == "tre_lightning.rollout.vllm.VLLMEngine"
         assert cfg.engine.model == cfg.model.policy.path
-    if cfg.model.get("reference") is not None:
-        assert instantiate(cfg.model.reference).load_in_4bit
+    if cfg.model.get("reference") is not None:  # the 4-bit reference (its folder exists on the user's machine)
+        assert cfg.model.reference._target_.endswith("PretrainedSource") and cfg.model.reference.load_in_4bit is True
     assert any(a.startswith("hydra.run.dir=") for a in argv), "multi-process runs need one run folder"
 
 
@@ -388,7 +389,8 @@ def test_doc_lightning_cli_command_parses(tmp_path: Path) -> None:
     world = config["trainer"]["devices"] * config["trainer"]["num_nodes"]
     assert strategy["init_args"]["data_parallel_size"] == world and strategy["init_args"]["tensor_parallel_size"] == 1
     model = config["model"]
-    assert model["fsdp"]["mixed_precision"] == "bf16"
+    actor_critic = model["model"].get("init_args", model["model"])
+    assert actor_critic["fsdp"]["mixed_precision"] == "bf16"
     assert model["engine"]["class_path"] == "tre_lightning.rollout.vllm.VLLMEngine"
     assert model["ppo"]["batch_size"] * world == 512 and model["ppo"]["mini_batch_size"] * world == 64
-    assert model["policy"]["init_args"]["dtype"] == "float32"
+    assert actor_critic["policy"]["init_args"]["dtype"] == "float32"

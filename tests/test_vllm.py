@@ -86,13 +86,16 @@ def test_constructor_validates_before_checking_vllm() -> None:
 
 
 def test_sampling_parameters_map_one_to_one() -> None:
+    """Only our temperature / top-p / top-k; every other vLLM processor off; ends exactly at our eos ids."""
     kw = to_vllm_sampling_kwargs(SamplingParams(n=8, temperature=1.0, top_p=0.7, top_k=0, max_new_tokens=512),
-                                 logprobs=True)  # fmt: skip
-    assert kw == {"n": 8, "temperature": 1.0, "top_p": 0.7, "top_k": -1, "max_tokens": 512, "logprobs": 0,
-                  "detokenize": False}  # fmt: skip
-    greedy = to_vllm_sampling_kwargs(SamplingParams(greedy=True, top_k=5, top_p=0.5), logprobs=False, seed=3)
-    assert greedy["temperature"] == 0.0 and greedy["top_k"] == -1 and greedy["top_p"] == 1.0
-    assert greedy["logprobs"] is None and greedy["seed"] == 3
+                                 logprobs=True, eos_token_ids=[EOS, 9])  # fmt: skip
+    assert kw == {"n": 8, "temperature": 1.0, "top_p": 0.7, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+                  "presence_penalty": 0.0, "frequency_penalty": 0.0, "min_tokens": 0, "max_tokens": 512,
+                  "ignore_eos": True, "stop_token_ids": [EOS, 9], "logprobs": 0, "detokenize": False}  # fmt: skip
+    greedy = to_vllm_sampling_kwargs(SamplingParams(n=4, greedy=True, top_k=5, top_p=0.5), logprobs=False, seed=3)
+    assert greedy["temperature"] == 0.0 and greedy["top_k"] == 0 and greedy["top_p"] == 1.0
+    assert greedy["n"] == 1, "vLLM refuses greedy sampling with n > 1: one completion, repeated by the engine"
+    assert greedy["logprobs"] is None and greedy["seed"] == 3 and greedy["stop_token_ids"] == []
     assert to_vllm_sampling_kwargs(SamplingParams(top_k=20), logprobs=False)["top_k"] == 20
 
 
@@ -320,6 +323,7 @@ class FakeVllmModel:
 
 class FakeLLM:
     instances: list[FakeLLM] = []
+    tokenizer_eos = EOS
 
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = kwargs
@@ -332,21 +336,35 @@ class FakeLLM:
         FakeLLM.instances.append(self)
 
     def get_tokenizer(self) -> Any:
-        return types.SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD)
+        return types.SimpleNamespace(eos_token_id=self.tokenizer_eos, pad_token_id=PAD)
 
     def generate(self, prompts: list[dict], params: Any, use_tqdm: bool = True) -> list[FakeRequestOutput]:
+        """Greedy decoding with vLLM's (v0.10-v0.11) stop rules and argument checks.
+
+        A request stops at the tokenizer's eos unless ``ignore_eos``, and at any
+        of ``stop_token_ids`` (the token is kept in ``token_ids``); greedy with
+        ``n > 1`` and ``top_k < -1`` are refused, as vLLM's SamplingParams does.
+        """
         self.calls.append("generate")
-        assert params.kwargs["temperature"] == 0.0, "the fake engine decodes greedily only"
+        kw = params.kwargs
+        assert kw["temperature"] == 0.0, "the fake engine decodes greedily only"
+        if kw["n"] != 1:
+            raise ValueError(f"n must be 1 when using greedy sampling, got {kw['n']}.")
+        if kw.get("top_k", 0) < -1:
+            raise ValueError(f"top_k must be 0 (disable), or at least 1, got {kw['top_k']}.")
+        return self._decode(prompts, kw)
+
+    def _decode(self, prompts: list[dict], kw: dict[str, Any]) -> list[FakeRequestOutput]:
+        stops = set(kw.get("stop_token_ids") or []) | (set() if kw.get("ignore_eos") else {self.tokenizer_eos})
         outs = []
         for prompt in prompts:
+            seq: list[int] = []
             ids = torch.tensor([prompt["prompt_token_ids"]])
-            with torch.no_grad():
-                seq = self.model.hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                             max_new_tokens=params.kwargs["max_tokens"], eos_token_id=EOS,
-                                             pad_token_id=PAD)[0, ids.shape[1]:].tolist()  # fmt: skip
-            if EOS in seq:
-                seq = seq[: seq.index(EOS) + 1]
-            comps = [FakeCompletion(j, seq, [{t: FakeLogprob(-0.5)} for t in seq]) for j in range(params.kwargs["n"])]
+            while len(seq) < kw["max_tokens"] and not (seq and seq[-1] in stops):
+                with torch.no_grad():
+                    seq.append(int(self.model.hf(input_ids=ids).logits[0, -1].argmax()))
+                ids = torch.cat([ids, torch.tensor([[seq[-1]]])], dim=1)
+            comps = [FakeCompletion(j, seq, [{t: FakeLogprob(-0.5)} for t in seq]) for j in range(kw["n"])]
             outs.append(FakeRequestOutput(prompt["prompt_token_ids"], comps))
         return outs
 
@@ -376,6 +394,7 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> type[FakeLLM]:
     monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.setattr(vllm_mod, "check_vllm_available", lambda: None)
     FakeLLM.instances = []
+    monkeypatch.setattr(FakeLLM, "tokenizer_eos", EOS)
     return FakeLLM
 
 
@@ -399,6 +418,7 @@ def test_engine_generates_like_hf_and_picks_up_pushed_weights(fake_vllm: type[Fa
     engine.sync_weights(actor)
     llm = fake_vllm.instances[0]
     assert llm.kwargs["seed"] == 5 and llm.kwargs["dtype"] == "float32"
+    assert llm.kwargs["generation_config"] == "vllm", "the model's generation_config.json must not set defaults"
     assert "distributed_executor_backend" not in llm.kwargs  # no process group here
     assert set(llm.model.loaded) == set(actor.state_dict())
     for name, p in actor.state_dict().items():
@@ -410,6 +430,33 @@ def test_engine_generates_like_hf_and_picks_up_pushed_weights(fake_vllm: type[Fa
     assert not torch.equal(after.response_ids, before.response_ids)
     assert after.log_probs is not None and after.log_probs.shape == after.response_ids.shape
     assert llm.calls == ["generate", "reset_prefix_cache", "generate"]
+
+
+def test_engine_ends_responses_at_our_eos_ids_only(fake_vllm: type[FakeLLM], tmp_path) -> None:
+    """With eos_token_ids not the tokenizer's, vLLM must neither stop at the tokenizer's eos nor miss ours
+    (``ignore_eos=True`` + ``stop_token_ids``); the responses equal the HF engine's with the same ids.
+    Checked to fail with the previous mapping (no ``ignore_eos`` / ``stop_token_ids``)."""
+    start = tiny(tie=False, seed=0)
+    start.save_pretrained(tmp_path / "start")
+    prompts = torch.tensor([[PAD, 5, 6, 7], [8, 9, 10, 11]])
+    mask = (prompts != PAD).long()
+    sampling = SamplingParams(n=3, greedy=True, max_new_tokens=8)
+    free = HFGenerateEngine(eos_token_ids=[EOS], pad_token_id=PAD)
+    free.sync_weights(start)
+    greedy = free.generate(prompts, mask, SamplingParams(greedy=True, max_new_tokens=8)).response_ids
+    # row 0's 4th greedy token ends responses; the tokenizer's eos (row 0's 2nd token) must not
+    fake_vllm.tokenizer_eos = int(greedy[0, 1])
+    ours = [int(greedy[0, 3])]
+    assert fake_vllm.tokenizer_eos not in greedy[0, 2:4].tolist() and ours[0] not in greedy[0, :3].tolist()
+    hf_engine = HFGenerateEngine(eos_token_ids=ours, pad_token_id=PAD)
+    hf_engine.sync_weights(start)
+    want = hf_engine.generate(prompts, mask, sampling)
+    engine = VLLMEngine(model=str(tmp_path / "start"), dtype="float32", eos_token_ids=ours, pad_token_id=PAD)
+    got = engine.generate(prompts, mask, sampling)
+    width = want.response_ids.shape[1]
+    assert torch.equal(got.response_ids[:, :width], want.response_ids) and not got.response_mask[:, width:].any()
+    assert torch.equal(got.response_lengths, want.response_lengths)
+    assert int(got.response_lengths[0]) == 4
 
 
 def test_engine_sleep_level_1_wakes_for_a_rollout_without_push(fake_vllm: type[FakeLLM], tmp_path) -> None:
@@ -461,11 +508,12 @@ def test_engine_falls_back_to_apply_model(fake_vllm: type[FakeLLM], tmp_path) ->
 def test_ppo_module_trains_with_the_vllm_engine(fake_vllm: type[FakeLLM], tmp_path) -> None:
     """The module's side of the engine protocol: rollouts come from vLLM, every PPO update is pushed
     into it (after waking the weights), so the engine ends on the trained actor's weights."""
-    from test_module_support import tiny_module, tiny_source, trainer
+    from test_module_support import tiny_module, tiny_source, fit, trainer, validate
 
     class SamplingFakeLLM(FakeLLM):  # the fake decodes greedily whatever the temperature
         def generate(self, prompts: list[dict], params: Any, use_tqdm: bool = True) -> list[FakeRequestOutput]:
-            return super().generate(prompts, FakeSamplingParams(**{**params.kwargs, "temperature": 0.0}), use_tqdm)
+            self.calls.append("generate")
+            return self._decode(prompts, params.kwargs)
 
     sys.modules["vllm"].LLM = SamplingFakeLLM  # type: ignore[attr-defined]
     source = tiny_source()
@@ -474,7 +522,7 @@ def test_ppo_module_trains_with_the_vllm_engine(fake_vllm: type[FakeLLM], tmp_pa
     engine = VLLMEngine(model=str(tmp_path / "start"), dtype="float32", enable_sleep_mode=True,
                         eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
     module = tiny_module(engine=engine, source=source, lr=1e-2)
-    trainer(max_steps=2).fit(module)
+    fit(trainer(max_steps=2), module)
     llm = fake_vllm.instances[0]
     assert llm.calls.count("generate") == 2
     # one push at configure_model and one after each of the 2 updates, each woken in the documented order
@@ -482,9 +530,9 @@ def test_ppo_module_trains_with_the_vllm_engine(fake_vllm: type[FakeLLM], tmp_pa
     assert llm.calls[-4:] == ["sleep(1)", "wake_up(['weights'])", "wake_up(['kv_cache'])", "reset_prefix_cache"]
     pushed = llm.model.hf.state_dict()
     initial = source.causal_lm().state_dict()
-    for name, value in module.actor.state_dict().items():
+    for name, value in module.model.actor.state_dict().items():
         assert torch.equal(pushed[name], value), name
-    assert any(not torch.equal(initial[n], v) for n, v in module.actor.state_dict().items())
+    assert any(not torch.equal(initial[n], v) for n, v in module.model.actor.state_dict().items())
 
 
 # --------------------------------------------------------------------------- #

@@ -2,9 +2,11 @@
 
 Each check returns the value (ints stay ints, reals become ``float``) or raises
 :class:`ArgumentError`, which names the parameter, the allowed range and the
-value it got. The entry points turn it into ``<config key>.<param>: must be
-<allowed>, got <value>`` without parsing any message: the error carries its
-parts.
+value it got. A problem that is not a range (an empty data split, a folder
+that does not exist) is a :class:`ConfigError` with the setting's name and a
+message. The entry points print either as ``<config key>.<param>: <message>``
+without parsing any message: the error carries its parts, and the builder
+that was constructing the config node prefixes the node's key.
 
 ``param`` may be dotted when a check spans objects (``ppo.micro_batch_size``
 checked by the module, which also sees ``rollout.n``).
@@ -18,6 +20,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "ArgumentError",
+    "ConfigError",
     "boolean",
     "integer",
     "int_list",
@@ -30,11 +33,39 @@ __all__ = [
 T = TypeVar("T")
 
 
-class ArgumentError(ValueError):
-    """A constructor argument outside its allowed range.
+def join_key(prefix: str, key: str) -> str:
+    """``prefix.key`` (``key`` may start with an index: ``[0].coef``); either may be empty."""
+    if not prefix:
+        return key
+    if not key:
+        return prefix
+    return f"{prefix}{key}" if key.startswith("[") else f"{prefix}.{key}"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work.
 
     Attributes:
-        param: the parameter's name (dotted for cross-object checks).
+        key: the setting, relative to the object that raised (dotted when the
+            check spans objects); empty for the object as a whole.
+        message: what is wrong and what is allowed.
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error with its key below ``prefix`` (the config node that was being built)."""
+        return ConfigError(join_key(prefix, self.key), self.message)
+
+
+class ArgumentError(ConfigError):
+    """A constructor argument outside its allowed range: ``<param> must be <allowed>, got <value>``.
+
+    Attributes:
+        param: the parameter's name (dotted for cross-object checks); also ``key``.
         allowed: what is allowed, phrased to follow "must be".
         value: the value that was given.
     """
@@ -43,21 +74,23 @@ class ArgumentError(ValueError):
         self.param = param
         self.allowed = allowed
         self.value = value
-        super().__init__(f"{param} must be {allowed}, got {value!r}")
+        super().__init__(param, f"must be {allowed}, got {value!r}")
 
-    @property
-    def reason(self) -> str:
-        """The message without the parameter name: ``must be <allowed>, got <value>``."""
-        return f"must be {self.allowed}, got {self.value!r}"
+    def __str__(self) -> str:
+        return f"{self.param} must be {self.allowed}, got {self.value!r}"
+
+
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def _range(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
     if low is not None and high is not None and math.isfinite(low) and math.isfinite(high):
-        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return f"in {'(' if low_open else '['}{_num(low)}, {_num(high)}{')' if high_open else ']'}"
     if low is not None and math.isfinite(low):
-        return f"{'>' if low_open else '>='} {low:g}"
+        return f"{'>' if low_open else '>='} {_num(low)}"
     if high is not None and math.isfinite(high):
-        return f"{'<' if high_open else '<='} {high:g}"
+        return f"{'<' if high_open else '<='} {_num(high)}"
     return ""
 
 

@@ -1,11 +1,15 @@
-"""Shared helpers for the PPO maths tests: ragged right-padded batches."""
+"""Shared helpers for the PPO maths tests: ragged right-padded batches, argument errors."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+from tre_lightning.checks import ArgumentError
 
 
 def _lengths(batch: int, length: int, g: torch.Generator, min_len: int = 1) -> list[int]:
@@ -45,3 +49,17 @@ def rb() -> SimpleNamespace:
         with_garbage=_with_garbage,
         gen=lambda seed: torch.Generator().manual_seed(seed),
     )
+
+
+@contextmanager
+def _argument_error(param: str, allowed: str) -> Iterator[None]:
+    with pytest.raises(ArgumentError) as info:
+        yield
+    assert (info.value.param, info.value.allowed) == (param, allowed), str(info.value)
+    assert str(info.value).startswith(f"{param} must be {allowed}, got ")
+
+
+@pytest.fixture
+def arg_error() -> Callable[[str, str], AbstractContextManager[None]]:
+    """``with arg_error("gamma", "a finite number in [0, 1]"):`` expects exactly that ArgumentError."""
+    return _argument_error

@@ -129,24 +129,27 @@ def test_low_precision():
     assert out.item() == pytest.approx(300 * float(torch.tensor(0.01, dtype=torch.bfloat16)), rel=2**-7)
 
 
-def test_invalid_arguments():
+def test_invalid_arguments(arg_error):
     a, m = torch.zeros(2, 3), torch.ones(2, 3)
-    with pytest.raises(ValueError, match=r"mode must be one of \['token-mean', 'seq-mean-token-sum', "):
+    modes = "one of ['token-mean', 'seq-mean-token-sum', 'seq-mean-token-mean', 'seq-mean-token-sum-norm']"
+    with arg_error("mode", modes):
         aggregate_loss(a, m, "sum")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"per_token and mask .*\(2, 3\).*\(2, 4\)"):
         aggregate_loss(a, torch.ones(2, 4))
-    with pytest.raises(ValueError, match=r"normalizer must be in \(0, inf\)"):
+    with arg_error("normalizer", "a finite number > 0"):
         aggregate_loss(a, m, normalizer=0)
-    with pytest.raises(ValueError, match="normalizer"):
+    with arg_error("normalizer", "a finite number > 0"):
         aggregate_loss(a, m, normalizer=-3.0)
+    with arg_error("normalizer", "a finite number > 0"):
+        aggregate_loss(a, m, normalizer="7")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="normalizer must be a scalar"):
         aggregate_loss(a, m, normalizer=torch.ones(2))
-    with pytest.raises(ValueError, match="norm_length"):
+    with arg_error("norm_length", "an int >= 1"):
         aggregate_loss(a, m, "seq-mean-token-sum-norm", norm_length=0)
-    with pytest.raises(ValueError, match="norm_length"):
+    with arg_error("norm_length", "an int >= 1"):
         aggregate_loss(a, m, "seq-mean-token-sum-norm", norm_length=2.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="per_token must be 2-D"):
         aggregate_loss(torch.zeros(3), torch.ones(3))
-    with pytest.raises(ValueError, match="mode must be one of"):
+    with arg_error("mode", modes):
         loss_normalizer(m, "mean")  # type: ignore[arg-type]
     assert list(LOSS_AGGREGATIONS) == MODES

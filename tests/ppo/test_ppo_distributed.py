@@ -196,14 +196,14 @@ def test_averaged_rank_gradients_equal_the_global_mini_batch_gradient(mode: str)
     assert (per_rank - single_grad).abs().max() > 1e-6
 
 
-def test_global_loss_normalizer_single_process_and_arguments() -> None:
+def test_global_loss_normalizer_single_process_and_arguments(arg_error) -> None:
     _, mask = ragged_batch(4, 6, seed=1)
     for mode in LOSS_AGGREGATIONS:
         assert torch.equal(global_loss_normalizer(mask, mode), loss_normalizer(mask, mode))
         assert torch.equal(global_loss_normalizer(mask, mode, all_reduce=lambda t: t.clone()),
                            loss_normalizer(mask, mode))
     assert float(global_loss_normalizer(mask, all_reduce=lambda t: 4 * t, world_size=4)) == float(mask.sum())
-    with pytest.raises(ValueError, match="world_size"):
+    with arg_error("world_size", "an int >= 1"):
         global_loss_normalizer(mask, world_size=0)
     with pytest.raises(ValueError, match="needs an all_reduce"):
         global_loss_normalizer(mask, world_size=2)

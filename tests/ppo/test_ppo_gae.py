@@ -122,17 +122,20 @@ def test_low_precision_recursion_in_float32(rb):
     torch.testing.assert_close(adv16.double(), ref, rtol=2**-7, atol=1e-3)
 
 
-def test_invalid_arguments():
+def test_invalid_arguments(arg_error):
     r, v, m = torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3)
-    with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\]"):
+    with arg_error("gamma", "a finite number in [0, 1]"):
         compute_gae(r, v, m, gamma=1.5)
-    with pytest.raises(ValueError, match=r"lam must be in \[0, 1\]"):
+    with arg_error("lam", "a finite number in [0, 1]"):
         compute_gae(r, v, m, lam=-0.1)
+    # a non-number is an argument outside its range too (ArgumentError, a ValueError), not a TypeError
+    with arg_error("gamma", "a finite number in [0, 1]"):
+        compute_gae(r, v, m, gamma="0.9")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"token_rewards and values .*\(2, 3\).*\(2, 4\)"):
         compute_gae(r, torch.zeros(2, 4), m)
     with pytest.raises(ValueError, match=r"token_rewards and mask .*\(2, 3\).*\(3, 2\)"):
         compute_gae(r, v, torch.ones(3, 2))
     with pytest.raises(ValueError, match="token_rewards must be 2-D"):
         compute_gae(torch.zeros(3), torch.zeros(3), torch.ones(3))
-    with pytest.raises(ValueError, match="gamma"):
+    with arg_error("gamma", "a finite number in [0, 1]"):
         compute_gae(r, v, m, gamma=float("nan"))

@@ -21,8 +21,10 @@ def ref_policy(logp, old, adv, lengths, eps_low, eps_high, dual, bound=20.0):
     A < 0: |A| * max(r, 1 - eps_low)              (clipped iff r < 1 - eps_low)
            then with dual clip c: min(., |A| c)   (dual active iff |A| max(r, 1 - eps_low) > |A| c)
     A = 0: 0
+    Also returns the (B, T) bool mask of the eps-clipped tokens (False on padding).
     """
     per = torch.zeros(logp.shape, dtype=torch.float64)
+    clip_mask = torch.zeros(logp.shape, dtype=torch.bool)
     n_valid = n_clip = n_dual = 0
     kl = 0.0
     for b, n in enumerate(lengths):
@@ -31,19 +33,20 @@ def ref_policy(logp, old, adv, lengths, eps_low, eps_high, dual, bound=20.0):
             r, a = math.exp(d), float(adv[b, t])
             if a > 0:
                 loss = -a * min(r, 1 + eps_high)
-                n_clip += r > 1 + eps_high
+                clip_mask[b, t] = r > 1 + eps_high
             elif a < 0:
                 loss = -a * max(r, 1 - eps_low)
-                n_clip += r < 1 - eps_low
+                clip_mask[b, t] = r < 1 - eps_low
                 if dual is not None and loss > -a * dual:
                     loss = -a * dual
                     n_dual += 1
             else:
                 loss = 0.0
             per[b, t] = loss
+            n_clip += bool(clip_mask[b, t])
             kl += -d
             n_valid += 1
-    return per, n_clip / n_valid, n_dual / n_valid, kl / n_valid
+    return per, n_clip / n_valid, n_dual / n_valid, kl / n_valid, clip_mask
 
 
 def ref_value(values, old, returns, lengths, clip_range, scale):
@@ -84,8 +87,9 @@ def test_policy_loss_matches_reference(rb, batch, length, seed, eps_low, eps_hig
     out = clipped_policy_loss(
         logp, old, adv, mask, clip_ratio_low=eps_low, clip_ratio_high=eps_high, dual_clip=dual
     )
-    per, clipfrac, clipfrac_lower, approx_kl = ref_policy(logp, old, adv, lengths, eps_low, eps_high, dual)
+    per, clipfrac, clipfrac_lower, approx_kl, clip_mask = ref_policy(logp, old, adv, lengths, eps_low, eps_high, dual)
     torch.testing.assert_close(out.per_token, per)
+    assert out.clipped.dtype == torch.bool and torch.equal(out.clipped, clip_mask)
     assert out.clipfrac.item() == pytest.approx(clipfrac, abs=1e-12)
     assert out.clipfrac_lower.item() == pytest.approx(clipfrac_lower, abs=1e-12)
     assert out.approx_kl.item() == pytest.approx(approx_kl, abs=1e-12)
@@ -106,6 +110,8 @@ def test_policy_loss_hand_case():
     out = clipped_policy_loss(old + ratios.log(), old, adv, mask, dual_clip=3.0)
     torch.testing.assert_close(out.per_token, torch.tensor([[-1.2, 0.8, 3.0, -0.5, -2.2, 0.0]], dtype=torch.float64))
     assert out.clipfrac.item() == pytest.approx(2 / 5)
+    # the eps-clipped tokens, before the dual clip (the third token is dual-clipped only)
+    assert out.clipped.tolist() == [[True, True, False, False, False, False]]
     assert out.clipfrac_lower.item() == pytest.approx(1 / 5)
     expected_kl = -sum(math.log(r) for r in (1.5, 0.5, 4.0, 0.5, 1.1)) / 5
     assert out.approx_kl.item() == pytest.approx(expected_kl)
@@ -194,18 +200,18 @@ def test_policy_metrics_are_detached_and_dtype():
         assert m.dim() == 0 and not m.requires_grad
 
 
-def test_policy_invalid_arguments():
+def test_policy_invalid_arguments(arg_error):
     a, m = torch.zeros(2, 3), torch.ones(2, 3)
-    with pytest.raises(ValueError, match="clip_ratio_low must be in"):
+    with arg_error("clip_ratio_low", "a finite number in [0, 1)"):
         clipped_policy_loss(a, a, a, m, clip_ratio_low=-0.1)
-    with pytest.raises(ValueError, match=r"clip_ratio_low must be in \[0, 1\)"):
+    with arg_error("clip_ratio_low", "a finite number in [0, 1)"):
         clipped_policy_loss(a, a, a, m, clip_ratio_low=1.0)
-    with pytest.raises(ValueError, match="clip_ratio_high must be in"):
+    with arg_error("clip_ratio_high", "a finite number >= 0"):
         clipped_policy_loss(a, a, a, m, clip_ratio_high=-0.2)
     for bad in (1.0, 0.5, -3.0):
-        with pytest.raises(ValueError, match=r"dual_clip must be in \(1, inf\)"):
+        with arg_error("dual_clip", "a finite number > 1 or null"):
             clipped_policy_loss(a, a, a, m, dual_clip=bad)
-    with pytest.raises(ValueError, match="log_ratio_clamp"):
+    with arg_error("log_ratio_clamp", "a finite number > 0"):
         clipped_policy_loss(a, a, a, m, log_ratio_clamp=0.0)
     with pytest.raises(ValueError, match=r"log_probs and old_log_probs .*\(2, 3\).*\(2, 4\)"):
         clipped_policy_loss(a, torch.zeros(2, 4), a, m)
@@ -282,13 +288,13 @@ def test_value_clipped_tokens_get_zero_gradient(seed):
                 assert values.grad[b, t].item() == pytest.approx(0.5 * 2 * (v - r), rel=1e-9)
 
 
-def test_value_invalid_arguments():
+def test_value_invalid_arguments(arg_error):
     a, m = torch.zeros(2, 3), torch.ones(2, 3)
-    with pytest.raises(ValueError, match=r"clip_range must be in \(0, inf\)"):
+    with arg_error("clip_range", "a finite number > 0 or null"):
         clipped_value_loss(a, a, a, m, clip_range=0.0)
-    with pytest.raises(ValueError, match="clip_range"):
+    with arg_error("clip_range", "a finite number > 0 or null"):
         clipped_value_loss(a, a, a, m, clip_range=-0.5)
-    with pytest.raises(ValueError, match="scale must be in"):
+    with arg_error("scale", "a finite number > 0"):
         clipped_value_loss(a, a, a, m, scale=-1.0)
     with pytest.raises(ValueError, match=r"values and returns .*\(2, 3\).*\(3, 3\)"):
         clipped_value_loss(a, a, torch.zeros(3, 3), m)

@@ -1,4 +1,4 @@
-"""masked_sum / masked_mean / masked_var / masked_whiten against explicit loops."""
+"""masked_sum / masked_mean / masked_max / masked_var / masked_whiten against explicit loops."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tre_lightning.ppo import masked_mean, masked_sum, masked_var, masked_whiten
+from tre_lightning.ppo import masked_max, masked_mean, masked_sum, masked_var, masked_whiten
 
 CASES = [(b, t, s) for (b, t) in [(1, 2), (2, 3), (4, 7), (6, 12)] for s in (0, 1, 2)]
 
@@ -47,6 +47,28 @@ def ref_whiten(x, lengths, shift_mean, eps=1e-8):
 
 
 # ---------------------------------------------------------------- random vs loops
+@pytest.mark.parametrize(("batch", "length", "seed"), CASES)
+def test_max_matches_loops(rb, batch, length, seed):
+    g = rb.gen(seed)
+    lengths = rb.lengths(batch, length, g)
+    mask = rb.mask(lengths, length)
+    x = rb.with_garbage(rb.randn(g, (batch, length), 3.0), mask, g)  # garbage up to 1e4 in the padding
+    vals = [float(x[b, t]) for b, n in enumerate(lengths) for t in range(n)]
+    assert masked_max(x, mask).item() == max(vals)
+    assert masked_max(x, mask.bool()).item() == max(vals)
+    rows = [max(float(x[b, t]) for t in range(n)) for b, n in enumerate(lengths)]
+    assert masked_max(x, mask, dim=1).tolist() == rows
+
+
+def test_max_of_an_empty_selection_is_zero_and_weights_do_not_matter():
+    x = torch.tensor([[-3.0, -1.0, 7.0], [-2.0, -5.0, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 0.25, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    assert masked_max(x, mask).item() == -1.0  # a fractional weight still selects
+    assert masked_max(x, mask, dim=1).tolist() == [-1.0, 0.0]
+    assert masked_max(x, torch.zeros_like(x)).item() == 0.0
+    assert masked_max(x.float(), mask).dtype == torch.float32
+
+
 @pytest.mark.parametrize(("batch", "length", "seed"), CASES)
 def test_sum_and_mean_match_loops(rb, batch, length, seed):
     g = rb.gen(seed)
@@ -165,15 +187,17 @@ def test_low_precision_accumulates_in_float32(rb):
 
 
 # ---------------------------------------------------------------- validation
-def test_invalid_arguments():
+def test_invalid_arguments(arg_error):
     x = torch.zeros(2, 3)
     with pytest.raises(ValueError, match=r"x and mask .*\(2, 3\).*\(2, 4\)"):
         masked_mean(x, torch.ones(2, 4))
     with pytest.raises(ValueError, match=r"x and mask .*\(2, 3\).*\(3,\)"):
         masked_sum(x, torch.ones(3))
-    with pytest.raises(ValueError, match="dim"):
+    with arg_error("dim", "an int in [-2, 1] or null"):
         masked_sum(x, torch.ones(2, 3), dim=2)
-    with pytest.raises(ValueError, match="eps"):
+    with arg_error("dim", "an int in [-2, 1] or null"):
+        masked_mean(x, torch.ones(2, 3), dim=1.0)  # type: ignore[arg-type]
+    with arg_error("eps", "a finite number >= 0"):
         masked_whiten(torch.randn(2, 3), torch.ones(2, 3), eps=-1e-8)
     with pytest.raises(ValueError, match="x must be a floating-point"):
         masked_mean(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3))

@@ -1,8 +1,12 @@
-"""Property tests on every grader: never raise, allowed values only, within the time bound."""
+"""Property tests on every grader: never raise, allowed values only, bounded by their own limits.
+
+No wall-clock bound is asserted (issue 15): the rule paths are bounded by construction (size
+limits), the symbolic check by its time limit, which these tests check is applied to every
+call. ``benchmarks/graders.py`` measures the times.
+"""
 
 from __future__ import annotations
 
-import time
 from fractions import Fraction
 
 import pytest
@@ -30,22 +34,36 @@ COMMON = settings(
 @COMMON
 @given(response=RESPONSES, reference=st.sampled_from(["5", "\\frac{1}{2}", "(1,2)", "x^2+1", "\\sqrt{2}"]))
 def test_math_rules_never_raise(response: str, reference: str) -> None:
-    grader = _RULES
-    start = time.monotonic()
-    score = grader.grade(response, reference)
-    assert time.monotonic() - start < 1.0
-    assert score in (0.0, 1.0)
+    before = _RULES.stats.as_dict()["errors"]
+    assert _RULES.grade(response, reference) in (0.0, 1.0)
+    assert _RULES.stats.as_dict()["errors"] == before
 
 
 @pytest.mark.skipif(not math_verify_available(), reason="math-verify not installed")
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(response=st.one_of(SOUP.map(lambda s: "\\boxed{" + s + "}"), st.sampled_from(HOSTILE)))
 def test_math_symbolic_never_raises_and_respects_the_limit(response: str) -> None:
-    start = time.monotonic()
-    score = _SYMBOLIC.grade(response, "\\frac{\\sqrt{2}}{2}")
-    # time limit 0.5 s per check (+ a possible helper restart after an earlier hang)
-    assert time.monotonic() - start < 1.5
+    """Every helper call of a check carries the grader's time limit, and each call either
+    answers or is counted (time-out / error): nothing waits without a limit."""
+    worker = _SYMBOLIC._workers[0]
+    limits: list[float] = []
+    real_call = worker.call
+
+    def spy(request: dict, timeout: float) -> dict:
+        limits.append(timeout)
+        return real_call(request, timeout=timeout)
+
+    before = _SYMBOLIC.stats.as_dict()
+    worker.call = spy  # type: ignore[method-assign]
+    try:
+        score = _SYMBOLIC.grade(response, "\\frac{\\sqrt{2}}{2}")
+    finally:
+        del worker.call
+    after = _SYMBOLIC.stats.as_dict()
     assert score in (0.0, 1.0)
+    assert limits in ([], [_SYMBOLIC.time_limit])
+    assert after["checks"] == before["checks"] + 1
+    assert after["failures"] - before["failures"] <= len(limits)
 
 
 @COMMON
@@ -57,9 +75,7 @@ def test_math_symbolic_never_raises_and_respects_the_limit(response: str) -> Non
 )
 def test_countdown_never_raises(response: str, nums: list[int], target: int, format_score: float) -> None:
     grader = CountdownGrader(format_score=format_score)
-    start = time.monotonic()
     score = grader.grade(response, nums, target)
-    assert time.monotonic() - start < 1.0
     assert score in (0.0, format_score, 1.0)
     assert grader.stats.as_dict()["errors"] == 0
 
@@ -102,10 +118,8 @@ def test_task_score_batches_of_hostile_outputs() -> None:
     countdown = CountdownTask(train_size=1, val_size=1)
     examples_m = [{"problem": "p", "solution": "\\boxed{42}"}] * len(HOSTILE)
     examples_c = [{"nums": [1, 2], "target": 3}] * len(HOSTILE)
-    start = time.monotonic()
     assert math_task.score(examples_m, HOSTILE) == [0.0] * len(HOSTILE)
     assert countdown.score(examples_c, HOSTILE) == [0.0] * len(HOSTILE)
-    assert time.monotonic() - start < 2.0
     assert math_task.failure_counts() == {"checks": len(HOSTILE), "timeouts": 0, "errors": 0, "failures": 0}
     assert countdown.failure_counts()["checks"] == len(HOSTILE)
 

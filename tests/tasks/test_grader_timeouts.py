@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,10 @@ for line in sys.stdin:
 """
 
 
+LIMIT_S = 60.0
+"""Deadline of the calls that must answer: a trivial echo never gets near it, even under load."""
+
+
 @pytest.fixture()
 def script(tmp_path: Path) -> str:
     path = tmp_path / "helper.py"
@@ -37,14 +40,13 @@ def script(tmp_path: Path) -> str:
 def test_answers_times_out_and_the_spare_takes_over(script: str) -> None:
     worker = SubprocessWorker(script)
     try:
-        first = worker.call({"x": 1}, timeout=5)
+        first = worker.call({"x": 1}, timeout=LIMIT_S)
         assert first["echo"] == 1
-        time.sleep(0.3)  # let the spare start
-        start = time.monotonic()
-        with pytest.raises(WorkerTimeout):
+        spinning = worker.pid
+        with pytest.raises(WorkerTimeout):  # the spin never ends: only the deadline can stop it
             worker.call({"spin": True}, timeout=0.3)
-        assert time.monotonic() - start < 0.6
-        after = worker.call({"x": 2}, timeout=5)
+        assert worker.pid != spinning  # the spinning helper was killed and replaced
+        after = worker.call({"x": 2}, timeout=LIMIT_S)
         assert after["echo"] == 2 and after["pid"] != first["pid"]
         assert worker.restarts == 1
     finally:
@@ -55,8 +57,8 @@ def test_a_dead_helper_is_an_error_then_replaced(script: str) -> None:
     worker = SubprocessWorker(script, spare=False)
     try:
         with pytest.raises(WorkerError):
-            worker.call({"exit": True}, timeout=5)
-        assert worker.call({"x": 3}, timeout=5)["echo"] == 3
+            worker.call({"exit": True}, timeout=LIMIT_S)
+        assert worker.call({"x": 3}, timeout=LIMIT_S)["echo"] == 3
     finally:
         worker.close()
 
@@ -78,7 +80,7 @@ def test_threads_share_one_worker(script: str) -> None:
     results: list[int] = []
 
     def run(i: int) -> None:
-        results.append(worker.call({"x": i, "sleep": 0.01}, timeout=5)["echo"])
+        results.append(worker.call({"x": i, "sleep": 0.01}, timeout=LIMIT_S)["echo"])
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
     for t in threads:
@@ -92,12 +94,12 @@ def test_threads_share_one_worker(script: str) -> None:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_copy_starts_its_own_helper(script: str) -> None:
     worker = SubprocessWorker(script, spare=False)
-    parent_pid = worker.call({"x": 0}, timeout=5)["pid"]
+    parent_pid = worker.call({"x": 0}, timeout=LIMIT_S)["pid"]
     read, write = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
         try:
-            pid = worker.call({"x": 1}, timeout=5)["pid"]
+            pid = worker.call({"x": 1}, timeout=LIMIT_S)["pid"]
             os.write(write, str(pid).encode())
             worker.close()
         finally:
@@ -107,23 +109,23 @@ def test_a_forked_copy_starts_its_own_helper(script: str) -> None:
     child_helper = int(os.read(read, 64).decode())
     os.close(read)
     assert child_helper != parent_pid
-    assert worker.call({"x": 2}, timeout=5)["pid"] == parent_pid  # the parent's helper is untouched
+    assert worker.call({"x": 2}, timeout=LIMIT_S)["pid"] == parent_pid  # the parent's helper is untouched
     worker.close()
 
 
 def test_pickles_without_processes(script: str) -> None:
     worker = SubprocessWorker(script, max_requests=5, spare=False)
-    worker.call({"x": 0}, timeout=5)
+    worker.call({"x": 0}, timeout=LIMIT_S)
     clone = pickle.loads(pickle.dumps(worker))
     assert clone.pid is None and clone.max_requests == 5
-    assert clone.call({"x": 1}, timeout=5)["echo"] == 1
+    assert clone.call({"x": 1}, timeout=LIMIT_S)["echo"] == 1
     clone.close()
     worker.close()
 
 
 def test_recycles_after_max_requests(script: str) -> None:
     worker = SubprocessWorker(script, max_requests=2, spare=False)
-    pids = [worker.call({"x": i}, timeout=5)["pid"] for i in range(3)]
+    pids = [worker.call({"x": i}, timeout=LIMIT_S)["pid"] for i in range(3)]
     worker.close()
     assert pids[0] == pids[1] != pids[2]
 

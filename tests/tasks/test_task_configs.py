@@ -39,7 +39,7 @@ def test_hydra_overrides_reach_the_constructor() -> None:
     assert len(task.train_examples()) == 5 and len(task.val_examples()) == 3
     with initialize_config_module(config_module="tre_lightning.conf", version_base="1.3"):
         cfg = compose(config_name=None, overrides=["+task=countdown", "task.format_score=1.5"])
-    with pytest.raises(Exception, match="format_score must be in"):
+    with pytest.raises(Exception, match="format_score: must be a finite number in"):
         instantiate(cfg.task)
 
 

@@ -14,7 +14,7 @@ from tre_lightning.tasks import CountdownTask, DataError, HHTask, MathTask, gene
 MATH_ROWS = [
     {"problem": "What is 1+1?", "solution": "It is $\\boxed{2}$.", "level": "Level 1", "type": "Algebra"},
     {"problem": "Half of 1?", "solution": "So \\boxed{\\frac{1}{2}}.", "level": "Level 2", "type": "Prealgebra"},
-    {"problem": "Roots?", "solution": "$x=\\boxed{3}$ or \\boxed{\\{1,2\\}}", "level": "Level 5", "type": "Algebra"},
+    {"problem": "Roots?", "solution": "The roots are $\\boxed{\\{1,2\\}}$.", "level": "Level 5", "type": "Algebra"},
 ]
 
 
@@ -94,7 +94,7 @@ def test_math_subsampling_is_seeded(tmp_path: Path) -> None:
 def test_missing_path_names_the_parameter(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="train_path.*nope"):
         MathTask(train_path=str(tmp_path / "nope"), use_math_verify=False).train_examples()
-    with pytest.raises(ValueError, match="val_path is not set"):
+    with pytest.raises(ValueError, match="val_path: required for MathTask"):
         MathTask(use_math_verify=False).val_examples()
 
 

@@ -6,7 +6,7 @@ set to the model's parameter dtype: the packed 4-bit data is then stored in
 tensors of that dtype (two bf16 "elements" hold eight 4-bit values), so every
 parameter of the model has one dtype and FSDP can flatten/shard them. The
 actor and critic stay in full precision (they are trained; their optimizer
-may be 8-bit, see ``tre_lightning.optim``).
+may be 8-bit, see ``tre_lightning.training.adamw8bit``).
 
 bitsandbytes (>= 0.50) is the ``quant`` extra: ``pip install
 'tre-lightning[quant]'``. It has a CPU backend, so this module works and is

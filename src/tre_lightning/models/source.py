@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from tre_lightning.checks import ConfigError, boolean, one_of, optional, text
 from tre_lightning.models.tiny import DEFAULT_CHARS, char_tokenizer, tiny_qwen2_config
 
 __all__ = ["ModelSource", "PretrainedSource", "TinyRandomSource", "load_tokenizer", "resolve_dtype"]
@@ -118,13 +119,19 @@ class PretrainedSource:
         trust_remote_code: bool = False,
         load_in_4bit: bool = False,
     ) -> None:
+        text("path", path)
         self.path = os.path.expanduser(path)
         self.tokenizer_path = os.path.expanduser(tokenizer_path) if tokenizer_path else self.path
-        self.dtype = dtype
-        resolve_dtype(dtype)
-        self.attn_implementation = attn_implementation
-        self.trust_remote_code = trust_remote_code
-        self.load_in_4bit = bool(load_in_4bit)
+        for name, folder in (("path", self.path), ("tokenizer_path", self.tokenizer_path)):
+            if not Path(folder).is_dir():
+                raise ConfigError(name, f"model folder {folder!r} does not exist; expected a local HF model folder "
+                                        "(config.json, weights, tokenizer files); nothing is downloaded")
+        if not (Path(self.path) / "config.json").is_file():
+            raise ConfigError("path", f"{self.path!r} is not an HF model folder (no config.json in it)")
+        self.dtype = one_of("dtype", dtype, ("auto", *_DTYPES))
+        self.attn_implementation = optional(text, "attn_implementation", attn_implementation)
+        self.trust_remote_code = boolean("trust_remote_code", trust_remote_code)
+        self.load_in_4bit = boolean("load_in_4bit", load_in_4bit)
 
     def _require(self, folder: str) -> None:
         if not Path(folder).is_dir():

@@ -1,5 +1,5 @@
 """PPO maths as pure tensor functions (no Lightning): masked statistics, GAE,
-KL estimators, token-level rewards, the clipped policy and value losses and
+the sampled-token KL estimators, token-level rewards, the clipped policy and value losses and
 the loss aggregation modes. Every convention is listed in docs/ppo_details.md.
 
 Shapes: B sequences, T response positions, right-padded; ``mask`` is (B, T)
@@ -14,9 +14,9 @@ from tre_lightning.ppo.distributed import (
     process_group_all_reduce,
 )
 from tre_lightning.ppo.gae import compute_gae
-from tre_lightning.ppo.kl import KL_ESTIMATORS, KLEstimator, kl_penalty
+from tre_lightning.ppo.kl import KL_ESTIMATORS, KLEstimator, sampled_kl
 from tre_lightning.ppo.losses import PolicyLossOutput, ValueLossOutput, clipped_policy_loss, clipped_value_loss
-from tre_lightning.ppo.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from tre_lightning.ppo.masked import masked_max, masked_mean, masked_sum, masked_var, masked_whiten
 from tre_lightning.ppo.rewards import last_token_index, token_level_rewards
 
 __all__ = [
@@ -33,13 +33,14 @@ __all__ = [
     "compute_gae",
     "global_loss_normalizer",
     "global_masked_whiten",
-    "kl_penalty",
     "last_token_index",
     "loss_normalizer",
+    "masked_max",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
     "process_group_all_reduce",
+    "sampled_kl",
     "token_level_rewards",
 ]

@@ -17,24 +17,15 @@ seq-mean modes) and the micro-batch losses are summed.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-from tre_lightning.ppo.masked import (
-    _acc_dtype,
-    _check_2d,
-    _check_choice,
-    _check_float_tensor,
-    _check_mask,
-    _check_range,
-    _check_same_shape,
-    _masked_weighted,
-    _safe_divide,
-)
+from tre_lightning import checks
+from tre_lightning.ppo._tensors import check_2d, check_aligned, check_mask
+from tre_lightning.ppo.masked import _acc_dtype, _masked_weighted, _safe_divide
 
 __all__ = ["LOSS_AGGREGATIONS", "LossAggregation", "aggregate_loss", "loss_normalizer"]
 
@@ -100,9 +91,9 @@ def loss_normalizer(mask: Tensor, mode: LossAggregation = "token-mean") -> Tenso
         Scalar: the weighted valid-token count (``token-mean``) or the number
         of sequences with at least one valid token (seq-mean modes).
     """
-    _check_mask("mask", mask)
-    _check_2d("mask", mask)
-    _check_choice("mode", mode, LOSS_AGGREGATIONS)
+    check_mask("mask", mask)
+    check_2d("mask", mask)
+    checks.one_of("mode", mode, LOSS_AGGREGATIONS)
     dtype = mask.dtype if mask.is_floating_point() else torch.get_default_dtype()
     return _DEFAULT_DENOMINATORS[mode](mask.to(_acc_dtype(dtype)))
 
@@ -133,17 +124,9 @@ def aggregate_loss(
     Returns:
         Scalar tensor in the dtype of ``per_token`` (summed in float32 for 16-bit).
     """
-    _check_float_tensor("per_token", per_token)
-    _check_mask("mask", mask)
-    _check_2d("per_token", per_token)
-    _check_same_shape("per_token", per_token, "mask", mask)
-    _check_choice("mode", mode, LOSS_AGGREGATIONS)
-    if norm_length is None:
-        length = per_token.shape[1]
-    else:
-        if isinstance(norm_length, bool) or not isinstance(norm_length, numbers.Integral):
-            raise ValueError(f"norm_length must be an int >= 1, got {norm_length!r}")
-        length = int(_check_range("norm_length", norm_length, 1.0))
+    check_aligned(("per_token", per_token), mask=("mask", mask), two_d=True)
+    checks.one_of("mode", mode, LOSS_AGGREGATIONS)
+    length = per_token.shape[1] if norm_length is None else checks.integer("norm_length", norm_length, 1)
 
     dtype = _acc_dtype(per_token.dtype)
     weighted, weights = _masked_weighted(per_token, mask, dtype)
@@ -158,6 +141,6 @@ def aggregate_loss(
         denominator = normalizer.reshape(()).to(device=numerator.device, dtype=dtype)
     else:
         denominator = torch.tensor(
-            _check_range("normalizer", normalizer, 0.0, low_inclusive=False), dtype=dtype, device=numerator.device
+            checks.real("normalizer", normalizer, 0.0, low_open=True), dtype=dtype, device=numerator.device
         )
     return (numerator / denominator).to(per_token.dtype)

@@ -29,15 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tre_lightning import checks
+from tre_lightning.ppo._tensors import check_aligned
 from tre_lightning.ppo.aggregation import LossAggregation, loss_normalizer
-from tre_lightning.ppo.masked import (
-    _acc_dtype,
-    _check_range,
-    _check_x_mask,
-    _masked_weighted,
-    _valid,
-    masked_whiten,
-)
+from tre_lightning.ppo.masked import _acc_dtype, _masked_weighted, _valid, masked_whiten
 
 __all__ = ["AllReduce", "global_loss_normalizer", "global_masked_whiten", "process_group_all_reduce"]
 
@@ -86,8 +81,8 @@ def global_masked_whiten(
     """
     if all_reduce is None:
         return masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
-    x, mask = _check_x_mask(x, mask)
-    eps = _check_range("eps", eps, 0.0)
+    check_aligned(("x", x), mask=("mask", mask))
+    eps = checks.real("eps", eps, 0.0)
     dtype = _acc_dtype(x.dtype)
     weighted, weights = _masked_weighted(x, mask, dtype)
     first = all_reduce(torch.stack([weighted.sum(), weights.sum()]))
@@ -133,8 +128,7 @@ def global_loss_normalizer(
     Returns:
         A scalar tensor, equal on every rank.
     """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    checks.integer("world_size", world_size, 1)
     local = loss_normalizer(mask, mode)
     if all_reduce is None:
         if world_size != 1:

@@ -5,15 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tre_lightning.ppo.masked import (
-    _acc_dtype,
-    _check_2d,
-    _check_float_tensor,
-    _check_mask,
-    _check_range,
-    _check_same_shape,
-    _valid,
-)
+from tre_lightning import checks
+from tre_lightning.ppo._tensors import check_aligned
+from tre_lightning.ppo.masked import _acc_dtype, _valid
 
 __all__ = ["compute_gae"]
 
@@ -51,14 +45,9 @@ def compute_gae(
     Returns:
         (advantages, returns), both (B, T), 0 on padding, dtype of the inputs.
     """
-    _check_float_tensor("token_rewards", token_rewards)
-    _check_float_tensor("values", values)
-    _check_mask("mask", mask)
-    _check_2d("token_rewards", token_rewards)
-    _check_same_shape("token_rewards", token_rewards, "values", values)
-    _check_same_shape("token_rewards", token_rewards, "mask", mask)
-    gamma = _check_range("gamma", gamma, 0.0, 1.0)
-    lam = _check_range("lam", lam, 0.0, 1.0)
+    check_aligned(("token_rewards", token_rewards), ("values", values), mask=("mask", mask), two_d=True)
+    gamma = checks.real("gamma", gamma, 0.0, 1.0)
+    lam = checks.real("lam", lam, 0.0, 1.0)
 
     out_dtype = torch.promote_types(token_rewards.dtype, values.dtype)
     dtype = _acc_dtype(out_dtype)

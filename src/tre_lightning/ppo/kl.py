@@ -1,13 +1,21 @@
-"""Per-token KL estimators between the policy and a reference policy.
+"""Per-token KL estimators from the log-probabilities of sampled tokens.
 
-All estimators are computed from the log-probabilities of the *sampled*
-tokens only (Schulman, "Approximating KL divergence", 2020), with
-``d = log_probs - ref_log_probs``:
+The one KL formula of the package (Schulman, "Approximating KL divergence",
+2020). :func:`sampled_kl` estimates KL(p ‖ q) = E_{a~p}[log p(a) − log q(a)]
+from tokens ``a`` sampled from ``p``, with ``d = log p(a) − log q(a)``:
 
-- ``k1``  = d                       (unbiased for KL(pi || ref), high variance, can be < 0)
-- ``abs`` = |d|
+- ``k1``  = d                       (unbiased, high variance, can be < 0)
+- ``abs`` = |d|                     (biased, >= 0)
 - ``k2``  = d^2 / 2                 (biased, low variance, >= 0)
-- ``k3``  = e^x - x - 1, x = -d     (unbiased, low variance, >= 0; "low_var_kl" in verl)
+- ``k3``  = e^x − x − 1, x = −d     (unbiased, low variance, >= 0; "low_var_kl" in verl)
+
+The direction is in the argument order: the first argument is the policy the
+tokens were sampled from. Its two callers:
+
+- the reference-model penalty in the reward, KL(π_old ‖ π_ref) on the
+  rollout's tokens: ``sampled_kl(old_log_probs, ref_log_probs, estimator)``;
+- KL-Cov's penalty, KL(π_old ‖ π_θ), with the gradient through π_θ:
+  ``sampled_kl(old_log_probs, log_probs, estimator, clamp=None)``.
 """
 
 from __future__ import annotations
@@ -18,9 +26,11 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from tre_lightning.ppo.masked import _acc_dtype, _check_choice, _check_float_tensor, _check_range, _check_same_shape
+from tre_lightning import checks
+from tre_lightning.ppo._tensors import check_aligned
+from tre_lightning.ppo.masked import _acc_dtype
 
-__all__ = ["KLEstimator", "KL_ESTIMATORS", "kl_penalty"]
+__all__ = ["KLEstimator", "KL_ESTIMATORS", "sampled_kl"]
 
 KLEstimator = Literal["k1", "abs", "k2", "k3"]
 KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
@@ -39,7 +49,7 @@ def _k2(diff: Tensor, exp_clamp: float) -> Tensor:
 
 
 def _k3(diff: Tensor, exp_clamp: float) -> Tensor:
-    # x = ref - logp, clamped before the exponential so that e^x cannot overflow
+    # x = log q - log p, clamped before the exponential so that e^x cannot overflow
     # (verl clamps it to [-20, 20]). expm1(x) - x == e^x - x - 1 without the
     # cancellation of 1 + x + x^2/2 - x - 1 for small |x|; still, 16-bit floats
     # cannot hold x^2/2 next to x, so those are computed in float32 and cast back.
@@ -55,44 +65,44 @@ _ESTIMATOR_FNS: dict[str, Callable[[Tensor, float], Tensor]] = {
 }
 
 
-def kl_penalty(
-    log_probs: Tensor,
-    ref_log_probs: Tensor,
-    estimator: KLEstimator = "k1",
+def sampled_kl(
+    log_p: Tensor,
+    log_q: Tensor,
+    estimator: KLEstimator,
     clamp: float | None = 10.0,
     *,
     exp_clamp: float = 20.0,
 ) -> Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from the sampled tokens' log-probs.
+    """Per-token estimate of KL(p ‖ q) from tokens sampled from ``p``.
 
-    Clamps, as in verl: ``k3`` clamps its exponent ``x = ref - logp`` to
+    ``d = log_p − log_q``; the estimators are listed in the module docstring.
+    Clamps, as in verl: ``k3`` clamps its exponent ``x = −d`` to
     ``[-exp_clamp, exp_clamp]`` (default 20; keeps ``e^x`` finite) and its
     result to ``[-clamp, clamp]`` (default 10; k3 >= 0, so in effect
     ``[0, 10]``). ``k1``, ``abs`` and ``k2`` are returned unclamped (verl does
     not clamp them; ``clamp`` does not apply to them). Where a clamp is active
     the gradient is 0. k3 is computed in float32 for 16-bit inputs (its
-    ``e^x - x - 1`` cancels to 0 in bf16 for small ``x``). Padding is not masked here: apply the response mask
-    downstream (:func:`token_level_rewards`, :func:`aggregate_loss`).
+    ``e^x − x − 1`` cancels to 0 in bf16 for small ``x``). The gradient flows
+    through whichever argument carries one. Padding is not masked here:
+    apply the response mask downstream (:func:`token_level_rewards`,
+    :func:`aggregate_loss`).
 
     Args:
-        log_probs: (B, T) log pi(a_t | s_t) of the sampled tokens.
-        ref_log_probs: (B, T) log pi_ref(a_t | s_t), same shape.
+        log_p: (...) log p(a) of the sampled tokens (the sampling policy).
+        log_q: (...) log q(a) of the same tokens, same shape.
         estimator: one of "k1", "abs", "k2", "k3".
         clamp: bound on the k3 estimate, > 0, or None for no bound.
         exp_clamp: bound on k3's exponent, > 0.
 
     Returns:
-        (B, T) tensor in the promoted dtype of the inputs.
+        (...) tensor in the promoted dtype of the inputs.
     """
-    _check_float_tensor("log_probs", log_probs)
-    _check_float_tensor("ref_log_probs", ref_log_probs)
-    _check_same_shape("log_probs", log_probs, "ref_log_probs", ref_log_probs)
-    _check_choice("estimator", estimator, KL_ESTIMATORS)
-    if clamp is not None:
-        clamp = _check_range("clamp", clamp, 0.0, low_inclusive=False)
-    exp_clamp = _check_range("exp_clamp", exp_clamp, 0.0, low_inclusive=False)
+    check_aligned(("log_p", log_p), ("log_q", log_q))
+    checks.one_of("estimator", estimator, KL_ESTIMATORS)
+    clamp = checks.optional(checks.real, "clamp", clamp, 0.0, low_open=True)
+    exp_clamp = checks.real("exp_clamp", exp_clamp, 0.0, low_open=True)
 
-    kl = _ESTIMATOR_FNS[estimator](log_probs - ref_log_probs, exp_clamp)
+    kl = _ESTIMATOR_FNS[estimator](log_p - log_q, exp_clamp)
     if estimator == "k3" and clamp is not None:
         kl = kl.clamp(-clamp, clamp)
     return kl

@@ -11,15 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tre_lightning.ppo.masked import (
-    _check_2d,
-    _check_float_tensor,
-    _check_mask,
-    _check_range,
-    _check_same_shape,
-    _valid,
-    masked_mean,
-)
+from tre_lightning import checks
+from tre_lightning.ppo._tensors import check_aligned
+from tre_lightning.ppo.masked import _valid, masked_mean
 
 __all__ = ["PolicyLossOutput", "ValueLossOutput", "clipped_policy_loss", "clipped_value_loss"]
 
@@ -30,9 +24,13 @@ class PolicyLossOutput:
 
     Attributes:
         per_token: (B, T) surrogate loss per token, 0 on padding, with gradient.
-        clipfrac: scalar, fraction of valid tokens on which the eps-clipped
-            branch is strictly larger (ratio clipped in the direction of the
-            advantage: A > 0 and r > 1 + eps_high, or A < 0 and r < 1 - eps_low).
+        clipped: (B, T) bool, True on the valid tokens where the eps-clipped
+            branch is strictly larger than the unclipped one (ratio clipped in
+            the direction of the advantage: A > 0 and r > 1 + eps_high, or
+            A < 0 and r < 1 - eps_low), before the dual clip; False on padding.
+            Clip-Cov reads it (``PolicyContext.clipped``).
+        clipfrac: scalar, the (mask-weighted) fraction of valid tokens that
+            are ``clipped``.
         clipfrac_lower: scalar, fraction of valid tokens on which the dual clip
             is active (A < 0 and r > c); 0 without dual clip.
         approx_kl: scalar, masked mean of ``old_log_probs - log_probs`` (k1
@@ -40,6 +38,7 @@ class PolicyLossOutput:
     """
 
     per_token: Tensor
+    clipped: Tensor
     clipfrac: Tensor
     clipfrac_lower: Tensor
     approx_kl: Tensor
@@ -101,19 +100,12 @@ def clipped_policy_loss(
     Returns:
         :class:`PolicyLossOutput`; the loss in the promoted input dtype.
     """
-    _check_float_tensor("log_probs", log_probs)
-    _check_float_tensor("old_log_probs", old_log_probs)
-    _check_float_tensor("advantages", advantages)
-    _check_mask("mask", mask)
-    _check_2d("log_probs", log_probs)
-    _check_same_shape("log_probs", log_probs, "old_log_probs", old_log_probs)
-    _check_same_shape("log_probs", log_probs, "advantages", advantages)
-    _check_same_shape("log_probs", log_probs, "mask", mask)
-    eps_low = _check_range("clip_ratio_low", clip_ratio_low, 0.0, 1.0, high_inclusive=False)
-    eps_high = _check_range("clip_ratio_high", clip_ratio_high, 0.0)
-    if dual_clip is not None:
-        dual_clip = _check_range("dual_clip", dual_clip, 1.0, low_inclusive=False)
-    bound = _check_range("log_ratio_clamp", log_ratio_clamp, 0.0, low_inclusive=False)
+    named = (("log_probs", log_probs), ("old_log_probs", old_log_probs), ("advantages", advantages))
+    check_aligned(*named, mask=("mask", mask), two_d=True)
+    eps_low = checks.real("clip_ratio_low", clip_ratio_low, 0.0, 1.0, high_open=True)
+    eps_high = checks.real("clip_ratio_high", clip_ratio_high, 0.0)
+    dual_clip = checks.optional(checks.real, "dual_clip", dual_clip, 1.0, low_open=True)
+    bound = checks.real("log_ratio_clamp", log_ratio_clamp, 0.0, low_open=True)
 
     valid = _valid(mask)
     log_ratio = (log_probs - old_log_probs).clamp(-bound, bound)
@@ -122,7 +114,8 @@ def clipped_policy_loss(
     clipped = -advantages * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     loss = torch.maximum(unclipped, clipped)
     dtype = loss.dtype
-    clipfrac = _fraction(clipped > unclipped, mask, dtype)
+    clip_active = (clipped > unclipped) & valid
+    clipfrac = _fraction(clip_active, mask, dtype)
 
     if dual_clip is not None:
         negative = advantages < 0
@@ -135,6 +128,7 @@ def clipped_policy_loss(
     approx_kl = masked_mean((-log_ratio).detach(), mask)
     return PolicyLossOutput(
         per_token=_zero_padding(loss, valid),
+        clipped=clip_active,
         clipfrac=clipfrac,
         clipfrac_lower=clipfrac_lower,
         approx_kl=approx_kl,
@@ -168,17 +162,10 @@ def clipped_value_loss(
     Returns:
         :class:`ValueLossOutput`; the loss in the promoted input dtype.
     """
-    _check_float_tensor("values", values)
-    _check_float_tensor("old_values", old_values)
-    _check_float_tensor("returns", returns)
-    _check_mask("mask", mask)
-    _check_2d("values", values)
-    _check_same_shape("values", values, "old_values", old_values)
-    _check_same_shape("values", values, "returns", returns)
-    _check_same_shape("values", values, "mask", mask)
-    if clip_range is not None:
-        clip_range = _check_range("clip_range", clip_range, 0.0, low_inclusive=False)
-    scale = _check_range("scale", scale, 0.0, low_inclusive=False)
+    named = (("values", values), ("old_values", old_values), ("returns", returns))
+    check_aligned(*named, mask=("mask", mask), two_d=True)
+    clip_range = checks.optional(checks.real, "clip_range", clip_range, 0.0, low_open=True)
+    scale = checks.real("scale", scale, 0.0, low_open=True)
 
     valid = _valid(mask)
     unclipped = (values - returns).square()

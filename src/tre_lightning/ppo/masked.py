@@ -1,5 +1,4 @@
-"""Masked reductions over response tokens, plus the argument checks shared by
-the PPO maths.
+"""Masked reductions over response tokens: the one home of masked statistics.
 
 A mask marks the valid response tokens with a non-zero entry (bool, or float
 1.0); padding is 0. Values at padding positions never influence a result: they
@@ -11,115 +10,27 @@ reductions then become weighted sums and weighted means.
 Precision: for 16-bit inputs (float16, bfloat16) the reductions accumulate in
 float32 and the result is cast back to the input dtype; float32 and float64
 inputs are computed in their own dtype.
+
+Metrics: ``masked_mean(x.detach().float(), mask)`` is the detached float32
+scalar the regularizers log (0 for an empty selection).
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Iterable
-
 import torch
 from torch import Tensor
 
-__all__ = ["masked_mean", "masked_sum", "masked_var", "masked_whiten"]
+from tre_lightning import checks
+from tre_lightning.ppo._tensors import check_aligned
+
+__all__ = ["masked_max", "masked_mean", "masked_sum", "masked_var", "masked_whiten"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-# --------------------------------------------------------------------------
-# Argument checks (private; shared by the other modules of tre_lightning.ppo)
-# --------------------------------------------------------------------------
-
-
-def _check_tensor(name: str, x: object) -> Tensor:
-    """Raise TypeError unless ``x`` is a tensor."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    return x
-
-
-def _check_float_tensor(name: str, x: object) -> Tensor:
-    """Raise unless ``x`` is a floating-point tensor."""
-    t = _check_tensor(name, x)
-    if not t.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    return t
-
-
-def _check_mask(name: str, mask: object) -> Tensor:
-    """Raise unless ``mask`` is a bool, integer or floating tensor."""
-    m = _check_tensor(name, mask)
-    if m.is_complex():
-        raise ValueError(f"{name} must be a bool, integer or floating tensor, got dtype {m.dtype}")
-    return m
-
-
-def _check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
-    """Raise ValueError naming both arguments and both shapes if they differ."""
-    if a.shape != b.shape:
-        raise ValueError(
-            f"{name_a} and {name_b} must have the same shape, got "
-            f"{name_a}.shape={tuple(a.shape)} and {name_b}.shape={tuple(b.shape)}"
-        )
-
-
-def _check_2d(name: str, x: Tensor) -> None:
-    """Raise ValueError unless ``x`` is (B, T)."""
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D with shape (B, T), got shape {tuple(x.shape)}")
-
-
-def _check_number(name: str, value: object) -> float:
-    """Raise unless ``value`` is a real Python/NumPy number (not bool, not NaN)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    if math.isnan(v):
-        raise ValueError(f"{name} must be a number, got nan")
-    return v
-
-
-def _check_range(
-    name: str,
-    value: object,
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    low_inclusive: bool = True,
-    high_inclusive: bool = True,
-) -> float:
-    """Raise ValueError naming ``name`` and the allowed interval if ``value`` is outside it."""
-    v = _check_number(name, value)
-    ok = math.isfinite(v)  # an infinite hyper-parameter is never meant here
-    if low is not None:
-        ok = ok and (v >= low if low_inclusive else v > low)
-    if high is not None:
-        ok = ok and (v <= high if high_inclusive else v < high)
-    if not ok:
-        lo = "(-inf" if low is None else ("[" if low_inclusive else "(") + f"{low:g}"
-        hi = "inf)" if high is None else f"{high:g}" + ("]" if high_inclusive else ")")
-        raise ValueError(f"{name} must be in {lo}, {hi}, got {value!r}")
-    return v
-
-
-def _check_choice(name: str, value: object, allowed: Iterable[str]) -> str:
-    """Raise ValueError listing the allowed values if ``value`` is not one of them."""
-    allowed = list(allowed)
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return value  # type: ignore[return-value]
-
-
-def _check_dim(name: str, dim: object, ndim: int) -> int | None:
-    """Raise ValueError unless ``dim`` is None or a valid dimension index."""
-    if dim is None:
-        return None
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"{name} must be an int or None, got {type(dim).__name__}")
-    if not -ndim <= dim < ndim:
-        raise ValueError(f"{name} must be in [{-ndim}, {ndim - 1}] for a {ndim}-D input, got {dim}")
-    return dim
+def _check_dim(dim: object, ndim: int) -> int | None:
+    """None, or a dimension index of an ``ndim``-D input."""
+    return checks.optional(checks.integer, "dim", dim, -ndim, ndim - 1)
 
 
 # --------------------------------------------------------------------------
@@ -150,11 +61,14 @@ def _safe_divide(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def _check_x_mask(x: object, mask: object) -> tuple[Tensor, Tensor]:
-    xt = _check_float_tensor("x", x)
-    mt = _check_mask("mask", mask)
-    _check_same_shape("x", xt, "mask", mt)
-    return xt, mt
+def _weighted_sums(x: Tensor, mask: Tensor, dim: object) -> tuple[Tensor, Tensor]:
+    """(sum of mask-weighted x, sum of weights) over ``dim``, in the accumulation dtype."""
+    check_aligned(("x", x), mask=("mask", mask))
+    d = _check_dim(dim, x.dim())
+    weighted, weights = _masked_weighted(x, mask, _acc_dtype(x.dtype))
+    if d is None:
+        return weighted.sum(), weights.sum()
+    return weighted.sum(dim=d), weights.sum(dim=d)
 
 
 # --------------------------------------------------------------------------
@@ -173,18 +87,17 @@ def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     Returns:
         A scalar (``dim=None``) or ``x``'s shape without ``dim``; dtype of ``x``.
     """
-    x, mask = _check_x_mask(x, mask)
-    dim = _check_dim("dim", dim, x.dim())
-    weighted, _ = _masked_weighted(x, mask, _acc_dtype(x.dtype))
-    out = weighted.sum() if dim is None else weighted.sum(dim=dim)
-    return out.to(x.dtype)
+    total, _ = _weighted_sums(x, mask, dim)
+    return total.to(x.dtype)
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Mean of ``x`` over the valid entries: ``sum(x * m) / sum(m)``.
 
     An empty selection (``sum(m) == 0``) gives 0, not NaN, so that an
-    all-padding (micro-)batch or row contributes nothing to a metric.
+    all-padding (micro-)batch or row contributes nothing to a metric. The
+    result keeps ``x``'s graph and dtype; for a logged metric pass
+    ``x.detach().float()`` (a detached float32 scalar, as the regularizers do).
 
     Args:
         x: any shape, floating point.
@@ -194,14 +107,30 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     Returns:
         A scalar (``dim=None``) or ``x``'s shape without ``dim``; dtype of ``x``.
     """
-    x, mask = _check_x_mask(x, mask)
-    dim = _check_dim("dim", dim, x.dim())
-    weighted, weights = _masked_weighted(x, mask, _acc_dtype(x.dtype))
-    if dim is None:
-        num, den = weighted.sum(), weights.sum()
-    else:
-        num, den = weighted.sum(dim=dim), weights.sum(dim=dim)
+    num, den = _weighted_sums(x, mask, dim)
     return _safe_divide(num, den).to(x.dtype)
+
+
+def masked_max(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Largest ``x`` over the valid (mask != 0) entries; 0 for an empty selection.
+
+    Mask weights do not matter here, only which entries are valid. Like
+    :func:`masked_mean`, an all-padding selection gives 0 rather than -inf.
+
+    Args:
+        x: any shape, floating point.
+        mask: same shape as ``x``; bool or float.
+        dim: reduce over this dimension only; None reduces over everything.
+
+    Returns:
+        A scalar (``dim=None``) or ``x``'s shape without ``dim``; dtype of ``x``.
+    """
+    check_aligned(("x", x), mask=("mask", mask))
+    d = _check_dim(dim, x.dim())
+    valid = _valid(mask)
+    filled = torch.where(valid, x, torch.full((), -torch.inf, dtype=x.dtype, device=x.device))
+    best, any_valid = (filled.amax(), valid.any()) if d is None else (filled.amax(dim=d), valid.any(dim=d))
+    return torch.where(any_valid, best, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _mean_var(x: Tensor, mask: Tensor, unbiased: bool) -> tuple[Tensor, Tensor]:
@@ -241,7 +170,7 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     Returns:
         A scalar in the dtype of ``x`` (accumulated in float32 for 16-bit inputs).
     """
-    x, mask = _check_x_mask(x, mask)
+    check_aligned(("x", x), mask=("mask", mask))
     _, var = _mean_var(x, mask, bool(unbiased))
     return var.to(x.dtype)
 
@@ -263,8 +192,8 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     Returns:
         Same shape and dtype as ``x`` (statistics in float32 for 16-bit inputs).
     """
-    x, mask = _check_x_mask(x, mask)
-    eps = _check_range("eps", eps, 0.0)
+    check_aligned(("x", x), mask=("mask", mask))
+    eps = checks.real("eps", eps, 0.0)
     dtype = _acc_dtype(x.dtype)
     mean, var = _mean_var(x, mask, unbiased=True)
     xf = x.to(dtype)

@@ -5,15 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tre_lightning.ppo.masked import (
-    _check_2d,
-    _check_float_tensor,
-    _check_mask,
-    _check_range,
-    _check_same_shape,
-    _check_tensor,
-    _valid,
-)
+from tre_lightning import checks
+from tre_lightning.ppo._tensors import check_2d, check_aligned, check_mask, check_tensor
+from tre_lightning.ppo.masked import _valid
 
 __all__ = ["last_token_index", "token_level_rewards"]
 
@@ -29,8 +23,8 @@ def last_token_index(mask: Tensor) -> Tensor:
     Returns:
         (B,) int64.
     """
-    _check_mask("mask", mask)
-    _check_2d("mask", mask)
+    check_mask("mask", mask)
+    check_2d("mask", mask)
     batch, length = mask.shape
     if length == 0:
         return torch.full((batch,), -1, dtype=torch.long, device=mask.device)
@@ -55,28 +49,27 @@ def token_level_rewards(
     Args:
         scores: (B,) sequence-level scores (task reward).
         mask: (B, T) 1 on valid response tokens.
-        kl: (B, T) per-token KL estimate (see :func:`kl_penalty`), or None.
+        kl: (B, T) per-token KL estimate (see :func:`~tre_lightning.ppo.kl.sampled_kl`), or None.
         kl_coef: coefficient of the KL penalty, >= 0; must be 0 when ``kl`` is None.
 
     Returns:
         (B, T) rewards in the dtype of ``scores`` (promoted with ``kl``'s).
     """
-    _check_tensor("scores", scores)
-    _check_mask("mask", mask)
-    _check_2d("mask", mask)
+    check_tensor("scores", scores)
+    check_mask("mask", mask)
+    check_2d("mask", mask)
     if scores.dim() != 1 or scores.shape[0] != mask.shape[0]:
         raise ValueError(
             f"scores must have shape (B,) with B = mask.shape[0], got "
             f"scores.shape={tuple(scores.shape)} and mask.shape={tuple(mask.shape)}"
         )
-    kl_coef = _check_range("kl_coef", kl_coef, 0.0)
+    kl_coef = checks.real("kl_coef", kl_coef, 0.0)
     if kl is None and kl_coef != 0.0:
         raise ValueError(f"kl must be given when kl_coef != 0, got kl=None and kl_coef={kl_coef}")
 
     dtype = scores.dtype if scores.is_floating_point() else torch.get_default_dtype()
     if kl is not None:
-        _check_float_tensor("kl", kl)
-        _check_same_shape("kl", kl, "mask", mask)
+        check_aligned(("kl", kl), mask=("mask", mask))
         dtype = torch.promote_types(dtype, kl.dtype)
 
     valid = _valid(mask)

@@ -1,21 +1,27 @@
 """Exploration regularizers as strategy objects behind one protocol.
 
-Each strategy lives in its own file and returns a
+Each strategy lives in its own file, inherits from
+:class:`~tre_lightning.regularizers.base.Regularizer` (a protocol: any object
+with a ``name`` and ``__call__`` also works) and returns a
 :class:`~tre_lightning.regularizers.base.RegularizerOutput` for one micro-batch
 (:class:`~tre_lightning.regularizers.base.PolicyContext`). The module composes
-any number of them; with every coefficient 0 the loss is vanilla PPO.
+any number of them. ``coef`` is only ever the weight of a loss term; the two
+strategies that act on the surrogate have their own parameter. At the neutral
+value in the last column the output is empty and the loss is vanilla PPO.
 
-===============  ========================  =============================================
-class            Hydra option              term
-===============  ========================  =============================================
-Ent              ``regularizer=ent``       -α H(π)                          (Eq. 4-6)
-TREK             ``regularizer=tre_k``     -α log|V|/log K · H(π_local)     (Eq. 7-9)
-TREP             ``regularizer=tre_p``     -α log|V|/log|TR| · H(π_local)   (Alg. 1)
-MinEnt           ``regularizer=min_ent``   -α H∞(π), H∞ = -log max π        (sec. 7.3)
-ForkingTokens    ``regularizer=forking``   surrogate on top-20 % entropy tokens only
-KLCov            ``regularizer=kl_cov``    +β KL on top-cov tokens
-ClipCov          ``regularizer=clip_cov``  surrogate detached on a few high-cov tokens
-===============  ========================  =============================================
+=============  ========================  ==================================================  =======================
+class          Hydra option              effect on the loss                                  neutral value
+=============  ========================  ==================================================  =======================
+Ent            ``regularizer=ent``       + coef · (-H(π))  (Eq. 4-6)                         ``coef=0``
+TREK           ``regularizer=tre_k``     + coef · (-log|V|/log K · H(π_local))  (Eq. 7-9)    ``coef=0``
+TREP           ``regularizer=tre_p``     + coef · (-log|V|/log|TR| · H(π_local))  (Alg. 1)   ``coef=0``
+MinEnt         ``regularizer=min_ent``   + coef · (-H∞(π)), H∞ = -log max π  (sec. 7.3)      ``coef=0``
+ForkingTokens  ``regularizer=forking``   surrogate weight 1 on the top-20 % entropy tokens,  ``unselected_weight=1``
+                                         ``unselected_weight`` on the others
+KLCov          ``regularizer=kl_cov``    + coef · KL(π_old ‖ π_θ) on the top-cov tokens      ``coef=0``
+ClipCov        ``regularizer=clip_cov``  surrogate detached on a few high-cov tokens,        ``detach_prob=0``
+                                         each with probability ``detach_prob``
+=============  ========================  ==================================================  =======================
 
 The kernels they use are in :mod:`tre_lightning.regularizers.functional`.
 """

@@ -1,4 +1,8 @@
-"""Shared helpers of the strategy objects: validation, masked statistics, selection."""
+"""Shared helpers of the strategy objects: token selection, covariance, the entropy-bonus shape.
+
+Argument checks come from :mod:`tre_lightning.checks`, masked statistics from
+:mod:`tre_lightning.ppo.masked`.
+"""
 
 from __future__ import annotations
 
@@ -8,57 +12,16 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from tre_lightning.regularizers.base import PolicyContext, RegularizerOutput
-
-
-def _cdt(x: Tensor) -> torch.dtype:
-    """float32 for half precision, float64 stays float64."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def check_coef(value: float, *, name: str = "coef", upper: float | None = None) -> float:
-    """A finite real coefficient >= 0 (and <= ``upper`` when given)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite real number >= 0, got {value!r}")
-    if value < 0 or (upper is not None and value > upper):
-        rng = "[0, inf)" if upper is None else f"[0, {upper:g}]"
-        raise ValueError(f"{name} must be in {rng}, got {value!r}")
-    return float(value)
-
-
-def check_fraction(value: float, *, name: str) -> float:
-    """A real number in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 < value <= 1.0):
-        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
-    return float(value)
-
-
-def check_positive_int(value: int | None, *, name: str, allow_none: bool = True) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be an int >= 1{extra}, got {value!r}")
-    return value
+from tre_lightning import checks
+from tre_lightning.ppo.masked import masked_mean
+from tre_lightning.regularizers._rows import compute_dtype
+from tre_lightning.regularizers.base import PolicyContext, Regularizer, RegularizerOutput
 
 
 def make_repr(obj: object, *names: str) -> str:
+    """``ClassName(a=1, b=2)`` from the named attributes (the constructor arguments)."""
     args = ", ".join(f"{n}={getattr(obj, n)!r}" for n in names)
     return f"{type(obj).__name__}({args})"
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``x`` over ``mask > 0`` as a detached float32 scalar (0 if empty)."""
-    valid = mask > 0
-    x = torch.where(valid, x.detach().float(), 0.0)
-    return x.sum() / valid.sum().clamp(min=1)
-
-
-def masked_max(x: Tensor, mask: Tensor) -> Tensor:
-    valid = mask > 0
-    if not bool(valid.any()):
-        return x.new_zeros((), dtype=torch.float32)
-    return x.detach()[valid].float().max()
 
 
 def count_for_fraction(n: int, fraction: float, rounding: Literal["ceil", "floor"]) -> int:
@@ -91,7 +54,7 @@ def select_top_fraction(
     k = count_for_fraction(n, fraction, rounding)
     if k == 0:
         return selected, 0
-    s = scores.detach().to(_cdt(scores)).masked_fill(~valid, -math.inf).reshape(-1)
+    s = scores.detach().to(compute_dtype(scores.dtype)).masked_fill(~valid, -math.inf).reshape(-1)
     idx = torch.topk(s, k).indices
     selected.view(-1)[idx] = True
     return selected, k
@@ -104,14 +67,13 @@ def token_covariance(advantages: Tensor, log_probs: Tensor, mask: Tensor) -> Ten
     values but are never selected by the callers.
     """
     valid = mask > 0
-    n = valid.sum().clamp(min=1)
-    dt = torch.promote_types(_cdt(advantages), _cdt(log_probs))
+    dt = torch.promote_types(compute_dtype(advantages.dtype), compute_dtype(log_probs.dtype))
     a = torch.where(valid, advantages.detach().to(dt), 0.0)
     lp = torch.where(valid, log_probs.detach().to(dt), 0.0)
-    return (a - a.sum() / n) * (lp - lp.sum() / n)
+    return (a - masked_mean(a, valid)) * (lp - masked_mean(lp, valid))
 
 
-class EntropyLikeBonus:
+class EntropyLikeBonus(Regularizer):
     """Shared shape of a per-token bonus on an entropy-like measure h of pi(. | s_t).
 
     The per-token loss is ``-h`` on valid tokens (the module adds
@@ -124,13 +86,12 @@ class EntropyLikeBonus:
         chunk_size: rows per kernel chunk (None: automatic).
     """
 
-    name: ClassVar[str]
     metric: ClassVar[str]
     coef: float
 
     def __init__(self, coef: float = 0.001, chunk_size: int | None = None) -> None:
-        self.coef = check_coef(coef)
-        self.chunk_size = check_positive_int(chunk_size, name="chunk_size")
+        self.coef = checks.real("coef", coef, 0.0)
+        self.chunk_size = checks.optional(checks.integer, "chunk_size", chunk_size, 1)
 
     def measure(self, logits: Tensor) -> Tensor:
         """h per position, differentiable in ``logits``."""
@@ -141,7 +102,7 @@ class EntropyLikeBonus:
             return RegularizerOutput()
         h = self.measure(ctx.logits)
         loss = torch.where(ctx.mask > 0, -h, 0.0)
-        return RegularizerOutput(loss=loss, metrics={self.metric: masked_mean(h, ctx.mask)})
+        return RegularizerOutput(loss=loss, metrics={self.metric: masked_mean(h.detach().float(), ctx.mask)})
 
     def __repr__(self) -> str:
         return make_repr(self, "coef", "chunk_size")

@@ -26,9 +26,9 @@ class PolicyContext:
         old_log_probs: (B, T) behaviour-policy log-probs (no grad).
         advantages: (B, T) advantages as used by the surrogate (no grad).
         mask: (B, T) 1.0 on valid response tokens, 0.0 on padding.
-        clip_ratio_low: ε_low of the PPO clip, for regularizers that look at
-            which tokens the surrogate already clips.
-        clip_ratio_high: ε_high of the PPO clip.
+        clipped: (B, T) bool, True where the surrogate's ε-clip is active
+            (:attr:`~tre_lightning.ppo.PolicyLossOutput.clipped`, the tokens
+            ``clipfrac`` counts); Clip-Cov skips them.
     """
 
     logits: Tensor
@@ -36,8 +36,7 @@ class PolicyContext:
     old_log_probs: Tensor
     advantages: Tensor
     mask: Tensor
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2
+    clipped: Tensor
 
 
 @dataclass
@@ -45,16 +44,17 @@ class RegularizerOutput:
     """What a regularizer contributes to the policy loss.
 
     Attributes:
-        loss: (B, T) per-token term; the module adds
-            ``coef * aggregate(loss, mask)`` with the PPO aggregation mode.
-            The regularizer does NOT multiply by its own coefficient.
+        loss: (B, T) per-token term; the composer adds
+            ``coef * aggregate(loss, mask)`` with the PPO aggregation mode,
+            ``coef`` being the regularizer's attribute. The regularizer does
+            NOT multiply by its own coefficient.
         pg_weight: (B, T) multiplies the surrogate's token mask, and so also
-            its denominator (Forking-Tokens: 1 on selected tokens, else 0).
-            The regularizer folds its coefficient in, so that coef = 0 gives
-            all ones.
+            its denominator (Forking-Tokens: 1 on selected tokens,
+            ``unselected_weight`` elsewhere).
         pg_detach: (B, T) bool; True where the surrogate's gradient is stopped
             while the token still counts in the denominator (Clip-Cov).
-        metrics: scalar diagnostics, logged under ``policy/<name>``.
+        metrics: scalar diagnostics (detached), logged under their key when
+            it contains a "/", else under ``policy/<key>``.
     """
 
     loss: Tensor | None = None
@@ -65,8 +65,22 @@ class RegularizerOutput:
 
 @runtime_checkable
 class Regularizer(Protocol):
-    """A pluggable exploration regularizer. ``coef = 0`` must give vanilla PPO."""
+    """A pluggable exploration regularizer: a ``name`` and ``__call__(ctx)``.
 
-    coef: float
+    ``name`` is a short identifier used in metric names (``"tre_p"``). A
+    regularizer whose output carries a ``loss`` also has ``coef: float``, the
+    weight of that term: the composer adds ``coef × aggregate(loss)``, and a
+    regularizer that returns a loss without a ``coef`` is an error the
+    composer raises. ``coef`` means only that weight; a regularizer that acts
+    on the surrogate (``pg_weight``, ``pg_detach``) has its own named
+    parameter instead. Each regularizer has a neutral setting (``coef = 0``,
+    ``ForkingTokens(unselected_weight=1)``, ``ClipCov(detach_prob=0)``) that
+    returns an empty output, i.e. exactly vanilla PPO.
+
+    The shipped classes inherit from this class explicitly; any object with
+    these members is a regularizer too (``isinstance`` checks the members).
+    """
+
+    name: str
 
     def __call__(self, ctx: PolicyContext) -> RegularizerOutput: ...

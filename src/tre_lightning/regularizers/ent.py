@@ -24,7 +24,7 @@ class Ent(EntropyLikeBonus):
     Metrics: ``policy/ent_entropy`` (token mean of H over valid tokens).
     """
 
-    name: ClassVar[str] = "ent"
+    name = "ent"
     metric: ClassVar[str] = "policy/ent_entropy"
 
     def measure(self, logits: Tensor) -> Tensor:

@@ -2,55 +2,30 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal, get_args
 
 import torch
-from torch import Tensor
 
-from tre_lightning.regularizers._utils import (
-    check_coef,
-    check_fraction,
-    make_repr,
-    select_top_fraction,
-    token_covariance,
-)
-from tre_lightning.regularizers.base import PolicyContext, RegularizerOutput
+from tre_lightning import checks
+from tre_lightning.ppo.kl import sampled_kl
+from tre_lightning.ppo.masked import masked_mean
+from tre_lightning.regularizers._utils import make_repr, select_top_fraction, token_covariance
+from tre_lightning.regularizers.base import PolicyContext, Regularizer, RegularizerOutput
 
-KLEstimator = Literal["k1", "abs", "k3"]
-_ESTIMATORS = ("k1", "abs", "k3")
+KLCovEstimator = Literal["k1", "abs", "k3"]
+"""The estimators KL-Cov offers (:func:`~tre_lightning.ppo.kl.sampled_kl`'s, without k2)."""
 
 
-def sampled_token_kl(log_probs: Tensor, old_log_probs: Tensor, estimator: KLEstimator) -> Tensor:
-    """Per-token estimate of D_KL(pi_old || pi_theta) from the sampled token (a ~ pi_old).
-
-    With x = log pi_theta(a) - log pi_old(a):
-
-    * ``"k1"``: -x (unbiased; can be negative);
-    * ``"abs"``: |x| (what the KL-Cov code ran);
-    * ``"k3"``: e^x - x - 1 (unbiased, >= 0, low variance; x clamped to
-      [-20, 20] for stability).
-
-    The gradient flows through ``log_probs``.
-    """
-    x = log_probs - old_log_probs.detach()
-    if estimator == "k1":
-        return -x
-    if estimator == "abs":
-        return x.abs()
-    if estimator == "k3":
-        x = x.clamp(-20.0, 20.0)
-        return torch.expm1(x) - x
-    raise ValueError(f"kl_estimator must be one of {_ESTIMATORS}, got {estimator!r}")
-
-
-class KLCov:
+class KLCov(Regularizer):
     """Extra β · KL on the top ``top_fraction`` of valid tokens by covariance.
 
     cov_i = (A_i - mean A)(log pi_i - mean log pi) over the valid tokens of
     the micro-batch (detached); the k = max(1, int(N * top_fraction))
-    tokens of largest cov get the per-token loss ``kl_estimator(log pi,
-    log pi_old)``; the module adds ``coef * aggregate(loss)`` (with
-    token-mean: the sum over the selected tokens divided by all valid
+    tokens of largest cov get the per-token loss
+    ``sampled_kl(log pi_old, log pi, kl_estimator, clamp=None)``, an
+    estimate of D_KL(pi_old || pi_theta) from the rollout's tokens with the
+    gradient through log pi; the module adds ``coef * aggregate(loss)``
+    (with token-mean: the sum over the selected tokens divided by all valid
     tokens, as in the reference code).
 
     Paper text vs the code it was run with (both offered, paper by default):
@@ -80,27 +55,24 @@ class KLCov:
     ``policy/klcov_kl`` (mean KL estimate over them).
     """
 
-    name: ClassVar[str] = "kl_cov"
+    name = "kl_cov"
     coef: float
 
-    def __init__(self, coef: float = 1.0, top_fraction: float = 0.2, kl_estimator: KLEstimator = "k3") -> None:
-        self.coef = check_coef(coef)
-        self.top_fraction = check_fraction(top_fraction, name="top_fraction")
-        if kl_estimator not in _ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {_ESTIMATORS}, got {kl_estimator!r}")
-        self.kl_estimator: KLEstimator = kl_estimator
+    def __init__(self, coef: float = 1.0, top_fraction: float = 0.2, kl_estimator: KLCovEstimator = "k3") -> None:
+        self.coef = checks.real("coef", coef, 0.0)
+        self.top_fraction = checks.real("top_fraction", top_fraction, 0.0, 1.0, low_open=True)
+        self.kl_estimator: KLCovEstimator = checks.one_of("kl_estimator", kl_estimator, get_args(KLCovEstimator))
 
     def __call__(self, ctx: PolicyContext) -> RegularizerOutput:
         if self.coef == 0.0:
             return RegularizerOutput()
         cov = token_covariance(ctx.advantages, ctx.log_probs, ctx.mask)
         selected, k = select_top_fraction(cov, ctx.mask, self.top_fraction, "floor")
-        kl = sampled_token_kl(ctx.log_probs, ctx.old_log_probs, self.kl_estimator)
+        kl = sampled_kl(ctx.old_log_probs.detach(), ctx.log_probs, self.kl_estimator, clamp=None)
         loss = torch.where(selected, kl, 0.0)
-        kl_sel = kl.detach()[selected].float().mean() if k > 0 else kl.new_zeros((), dtype=torch.float32)
         metrics = {
             "policy/klcov_selected": torch.as_tensor(float(k), device=kl.device),
-            "policy/klcov_kl": kl_sel,
+            "policy/klcov_kl": masked_mean(kl.detach().float(), selected),
         }
         return RegularizerOutput(loss=loss, metrics=metrics)
 

@@ -24,7 +24,7 @@ class MinEnt(EntropyLikeBonus):
     Metrics: ``policy/min_entropy`` (token mean of H_inf).
     """
 
-    name: ClassVar[str] = "min_ent"
+    name = "min_ent"
     metric: ClassVar[str] = "policy/min_entropy"
 
     def measure(self, logits: Tensor) -> Tensor:

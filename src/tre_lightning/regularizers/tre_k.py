@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 
+from tre_lightning import checks
+from tre_lightning.ppo.masked import masked_mean
 from tre_lightning.regularizers import functional as F
-from tre_lightning.regularizers._utils import check_coef, check_positive_int, make_repr, masked_mean
-from tre_lightning.regularizers.base import PolicyContext, RegularizerOutput
+from tre_lightning.regularizers._utils import make_repr
+from tre_lightning.regularizers.base import PolicyContext, Regularizer, RegularizerOutput
 
 
-class TREK:
+class TREK(Regularizer):
     """Trust Region Entropy with a size-based region: the K largest logits.
 
     L_t = -log|V| / log K * H(softmax(z[top K])) (Eq. 9); the gradient reaches
@@ -30,13 +30,13 @@ class TREK:
     Metrics: ``policy/tre_k_entropy`` (token mean of the scaled local entropy).
     """
 
-    name: ClassVar[str] = "tre_k"
+    name = "tre_k"
     coef: float
 
     def __init__(self, coef: float = 0.001, top_k: int = 2, chunk_size: int | None = None) -> None:
-        self.coef = check_coef(coef)
-        self.top_k = check_positive_int(top_k, name="top_k", allow_none=False)
-        self.chunk_size = check_positive_int(chunk_size, name="chunk_size")
+        self.coef = checks.real("coef", coef, 0.0)
+        self.top_k = checks.integer("top_k", top_k, 1)
+        self.chunk_size = checks.optional(checks.integer, "chunk_size", chunk_size, 1)
 
     def __call__(self, ctx: PolicyContext) -> RegularizerOutput:
         if self.coef == 0.0:
@@ -45,7 +45,8 @@ class TREK:
             ctx.logits, top_k=self.top_k, chunk_size=self.chunk_size, with_peak=False
         )
         loss = torch.where(ctx.mask > 0, -tre.value, 0.0)
-        return RegularizerOutput(loss=loss, metrics={"policy/tre_k_entropy": masked_mean(tre.value, ctx.mask)})
+        metrics = {"policy/tre_k_entropy": masked_mean(tre.value.detach().float(), ctx.mask)}
+        return RegularizerOutput(loss=loss, metrics=metrics)
 
     def __repr__(self) -> str:
         return make_repr(self, "coef", "top_k", "chunk_size")

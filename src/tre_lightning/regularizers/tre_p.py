@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 
+from tre_lightning import checks
+from tre_lightning.ppo.masked import masked_max, masked_mean
 from tre_lightning.regularizers import functional as F
-from tre_lightning.regularizers._utils import (
-    check_coef,
-    check_positive_int,
-    make_repr,
-    masked_max,
-    masked_mean,
-)
-from tre_lightning.regularizers.base import PolicyContext, RegularizerOutput
+from tre_lightning.regularizers._utils import make_repr
+from tre_lightning.regularizers.base import PolicyContext, Regularizer, RegularizerOutput
 
 
-class TREP:
+class TREP(Regularizer):
     """Trust Region Entropy with a nucleus region: the smallest set reaching P.
 
     L_t = -log|V| / log|TR| * H(softmax(z[TR])), and exactly 0 where
@@ -35,7 +29,7 @@ class TREP:
     entropy), ``policy/tr_size`` (token mean of |TR|), ``policy/tr_size_max``.
     """
 
-    name: ClassVar[str] = "tre_p"
+    name = "tre_p"
     coef: float
 
     def __init__(
@@ -45,12 +39,10 @@ class TREP:
         max_region: int | None = None,
         chunk_size: int | None = None,
     ) -> None:
-        self.coef = check_coef(coef)
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        self.top_p = float(top_p)
-        self.max_region = check_positive_int(max_region, name="max_region")
-        self.chunk_size = check_positive_int(chunk_size, name="chunk_size")
+        self.coef = checks.real("coef", coef, 0.0)
+        self.top_p = checks.real("top_p", top_p, 0.0, 1.0, low_open=True)
+        self.max_region = checks.optional(checks.integer, "max_region", max_region, 1)
+        self.chunk_size = checks.optional(checks.integer, "chunk_size", chunk_size, 1)
 
     def __call__(self, ctx: PolicyContext) -> RegularizerOutput:
         if self.coef == 0.0:
@@ -59,10 +51,11 @@ class TREP:
             ctx.logits, top_p=self.top_p, max_region=self.max_region, chunk_size=self.chunk_size
         )
         loss = torch.where(ctx.mask > 0, -tre.value, 0.0)
+        size = tre.region_size.float()
         metrics = {
-            "policy/tre_p_entropy": masked_mean(tre.value, ctx.mask),
-            "policy/tr_size": masked_mean(tre.region_size, ctx.mask),
-            "policy/tr_size_max": masked_max(tre.region_size, ctx.mask),
+            "policy/tre_p_entropy": masked_mean(tre.value.detach().float(), ctx.mask),
+            "policy/tr_size": masked_mean(size, ctx.mask),
+            "policy/tr_size_max": masked_max(size, ctx.mask),
         }
         return RegularizerOutput(loss=loss, metrics=metrics)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from tre_lightning.checks import boolean, integer, real
 
 
 @dataclass(frozen=True)
@@ -31,16 +33,19 @@ class SamplingParams:
     greedy: bool = False
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
-        if not self.temperature > 0:
-            raise ValueError(f"SamplingParams.temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        integer("n", self.n, 1)
+        real("temperature", self.temperature, 0.0, low_open=True)
+        real("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        integer("top_k", self.top_k, 0)
+        integer("max_new_tokens", self.max_new_tokens, 1)
+        boolean("greedy", self.greedy)
+
+
+def sampling_of(cfg: Any) -> SamplingParams:
+    """The :class:`SamplingParams` of a config's n / temperature / top_p / top_k / max_new_tokens
+    (which validates them: the one home of the sampling checks for every config)."""
+    return SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                          max_new_tokens=cfg.max_new_tokens)
 
 
 @dataclass

@@ -86,7 +86,7 @@ def check_vllm_available() -> None:
         raise VLLMUnavailableError(
             "rollout engine 'vllm' cannot be used: "
             + "; and ".join(problems)
-            + ". Use the HF generate engine instead, which runs everywhere: leave the engine unset "
+            + ". Use the HF engine instead, which runs everywhere: leave the engine unset "
             "(Hydra: drop +engine=vllm, engine=null is the default; Lightning CLI: no --model.engine; "
             "tre-eval: --engine hf)."
         )
@@ -254,25 +254,57 @@ def gather_weights_for_vllm(
 # --------------------------------------------------------------------------- #
 
 
-def to_vllm_sampling_kwargs(sampling: SamplingParams, *, logprobs: bool, seed: int | None = None) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.SamplingParams`` for our :class:`SamplingParams` (1:1).
+def to_vllm_sampling_kwargs(
+    sampling: SamplingParams,
+    *,
+    logprobs: bool,
+    eos_token_ids: Sequence[int] = (),
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.SamplingParams`` (v0.10-v0.11) for our :class:`SamplingParams`.
 
-    ``n``, ``temperature``, ``top_p``, ``top_k`` (0 -> -1: off),
-    ``max_new_tokens`` -> ``max_tokens``; greedy -> ``temperature=0``.
-    ``logprobs=0`` asks vLLM for the log-prob of the sampled token only.
+    ``temperature``, ``top_p``, ``top_k`` (0 = off: vLLM's "off" value since
+    v0.9, -1 still accepted), ``max_new_tokens`` -> ``max_tokens``; greedy ->
+    ``temperature=0`` and ``n=1`` (vLLM refuses greedy with ``n > 1``; the
+    engine repeats the completion). Every other processor vLLM has is set to
+    its "off" value explicitly (penalties, ``min_p``, ``min_tokens``), and the
+    response ends exactly at ``eos_token_ids``: ``ignore_eos=True`` with
+    ``stop_token_ids=eos_token_ids``, because otherwise vLLM also stops at the
+    tokenizer's eos and at every ``eos_token_id`` of the model's
+    ``generation_config.json``. ``logprobs=0`` asks for the log-prob of the
+    sampled token only.
     """
     kwargs: dict[str, Any] = {
-        "n": sampling.n,
+        "n": 1 if sampling.greedy else sampling.n,
         "temperature": 0.0 if sampling.greedy else sampling.temperature,
         "top_p": 1.0 if sampling.greedy else sampling.top_p,
-        "top_k": -1 if (sampling.greedy or sampling.top_k == 0) else sampling.top_k,
+        "top_k": 0 if sampling.greedy else sampling.top_k,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "min_tokens": 0,
         "max_tokens": sampling.max_new_tokens,
+        "ignore_eos": True,
+        "stop_token_ids": [int(t) for t in eos_token_ids],
         "logprobs": 0 if logprobs else None,
         "detokenize": False,
     }
     if seed is not None:
         kwargs["seed"] = seed
     return kwargs
+
+
+def repeat_rollout(rollout: Rollout, n: int) -> Rollout:
+    """Each row of ``rollout`` repeated ``n`` times in place (rows ``i*n … i*n+n-1`` = old row ``i``)."""
+    def rep(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.repeat_interleave(n, dim=0)
+
+    return Rollout(
+        prompt_ids=rep(rollout.prompt_ids), prompt_mask=rep(rollout.prompt_mask),  # type: ignore[arg-type]
+        response_ids=rep(rollout.response_ids), response_mask=rep(rollout.response_mask),  # type: ignore[arg-type]
+        response_lengths=rep(rollout.response_lengths), log_probs=rep(rollout.log_probs),  # type: ignore[arg-type]
+    )
 
 
 def _logprob_value(entry: Any) -> float:
@@ -498,6 +530,9 @@ class VLLMEngine:
             "enforce_eager": self.enforce_eager,
             "enable_prefix_caching": self.enable_prefix_caching,
             "tensor_parallel_size": self.tensor_parallel_size,
+            # vLLM's default "auto" reads the model's generation_config.json; "vllm" ignores it, so that
+            # sampling comes from our SamplingParams alone (to_vllm_sampling_kwargs sets everything anyway)
+            "generation_config": "vllm",
         }
         if self.max_model_len is not None:
             kwargs["max_model_len"] = self.max_model_len
@@ -563,17 +598,20 @@ class VLLMEngine:
         prompts = [
             {"prompt_token_ids": ids[mask.bool()].tolist()} for ids, mask in zip(prompt_ids.cpu(), prompt_mask.cpu())
         ]
-        params = self._vllm.SamplingParams(**to_vllm_sampling_kwargs(sampling, logprobs=self.return_log_probs))
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        kwargs = to_vllm_sampling_kwargs(sampling, logprobs=self.return_log_probs,
+                                         eos_token_ids=self.eos_token_ids or ())
+        outputs = llm.generate(prompts, self._vllm.SamplingParams(**kwargs), use_tqdm=False)
         rollout = request_outputs_to_rollout(
             outputs,
             prompt_ids,
             prompt_mask,
-            n=sampling.n,
+            n=kwargs["n"],
             pad_token_id=int(self.pad_token_id if self.pad_token_id is not None else 0),
             eos_token_ids=self.eos_token_ids or (),
             with_log_probs=self.return_log_probs,
         )
+        if kwargs["n"] != sampling.n:  # greedy: one completion per prompt, repeated
+            rollout = repeat_rollout(rollout, sampling.n)
         if self.enable_sleep_mode:
             self.sleep()
         return rollout

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from tre_lightning.checks import ConfigError
 from tre_lightning.tasks.base import Example
 from tre_lightning.tasks.data_io import subsample
 
@@ -53,7 +54,7 @@ class PathSplits(SplitSettings):
         if split not in self._cache:
             owner = self._owner
             if path is None:
-                raise ValueError(f"{owner}: {split}_path is not set ({self._path_hint})")
+                raise ConfigError(f"{split}_path", f"required for {owner}, not set ({self._path_hint})")
             rows = self._read_split(split, path)
             self._cache[split] = subsample(rows, size, self.seed, f"{owner} {split}_path {path}")
         return self._cache[split]

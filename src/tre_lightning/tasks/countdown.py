@@ -18,10 +18,13 @@ public set, so that the task works with no download.
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 from collections.abc import Sequence
 from typing import Any
 
+from tre_lightning import checks
 from tre_lightning.tasks._splits import SplitSettings
 from tre_lightning.tasks.base import Example, Messages
 from tre_lightning.tasks.countdown_grader import CountdownGrader
@@ -48,6 +51,75 @@ def _combine(a: int, b: int, op: str) -> int | None:
     return None
 
 
+EXACT_CAPACITY_MAX_SETS = 1_000
+"""Number sets up to which :func:`countdown_capacity` enumerates every instance exactly."""
+MAX_DRAWS_PER_INSTANCE = 1_000
+"""The generator's budget: ``1000 * n`` draws (about 0.1 ms each on one core)."""
+STALL_DRAWS = 20_000
+"""The generator also stops after this many draws in a row without a new instance."""
+_CHECK_EVERY = 10_000
+
+
+def _reachable(numbers: tuple[int, ...], memo: dict[tuple[int, ...], frozenset[int]]) -> frozenset[int]:
+    """Every value the generator can build from all of ``numbers`` (sorted), memoised."""
+    if numbers in memo:
+        return memo[numbers]
+    if len(numbers) == 1:
+        memo[numbers] = frozenset(numbers)
+        return memo[numbers]
+    values: set[int] = set()
+    n = len(numbers)
+    for mask in range(1, 1 << (n - 1)):  # unordered splits: the last number is always on the right
+        left = tuple(numbers[i] for i in range(n) if mask >> i & 1)
+        right = tuple(numbers[i] for i in range(n) if not mask >> i & 1)
+        for a in _reachable(left, memo):
+            for b in _reachable(right, memo):
+                for x, y in ((a, b), (b, a)):
+                    for op in "+-*/":
+                        v = _combine(x, y, op)
+                        if v is not None:
+                            values.add(v)
+    memo[numbers] = frozenset(values)
+    return memo[numbers]
+
+
+def countdown_capacity(
+    min_numbers: int, max_numbers: int, min_number: int, max_number: int, min_target: int, max_target: int
+) -> tuple[int, bool]:
+    """(distinct instances the generator can produce, whether the count is exact).
+
+    Exact (every number set enumerated, every reachable target counted) when
+    there are at most ``EXACT_CAPACITY_MAX_SETS`` number sets of at most 4
+    numbers; otherwise an upper bound: number sets x targets, the largest
+    target of a set of ``k`` numbers being ``max(max_number, 2) ** k``.
+    """
+    span = max_number - min_number + 1
+    sets = {k: math.comb(span + k - 1, k) for k in range(min_numbers, max_numbers + 1)}
+    if max_numbers <= 4 and sum(sets.values()) <= EXACT_CAPACITY_MAX_SETS:
+        memo: dict[tuple[int, ...], frozenset[int]] = {}
+        total = 0
+        for k in sets:
+            for numbers in itertools.combinations_with_replacement(range(min_number, max_number + 1), k):
+                total += sum(1 for v in _reachable(numbers, memo) if min_target <= v <= max_target)
+        return total, True
+    bound = 0
+    for k, count in sets.items():
+        top = min(max_target, max(max_number, 2) ** k)
+        bound += count * max(0, top - min_target + 1)
+    return bound, False
+
+
+def capacity_text(
+    min_numbers: int, max_numbers: int, min_number: int, max_number: int, min_target: int, max_target: int
+) -> tuple[int, str]:
+    """(capacity, a sentence stating it with the settings that set it), for refusals."""
+    capacity, exact = countdown_capacity(min_numbers, max_numbers, min_number, max_number, min_target, max_target)
+    count = f"{min_numbers}" if min_numbers == max_numbers else f"{min_numbers}-{max_numbers}"
+    text = (f"{count} numbers in [{min_number}, {max_number}] with targets in [{min_target}, {max_target}] "
+            f"make {'exactly' if exact else 'at most'} {capacity} distinct instances; raise max_number or max_target")
+    return capacity, text
+
+
 def generate_countdown(
     n: int,
     seed: int = 0,
@@ -66,40 +138,51 @@ def generate_countdown(
     value lies in [min_target, max_target] and the (sorted numbers, target)
     pair is new. The witness expression is kept under ``solution``.
 
+    Bounded: ``n`` above :func:`countdown_capacity` is refused before any
+    draw; the search stops with a ``ValueError`` (the rate it observed, the
+    settings) as soon as its observed rate shows that it would need more than
+    ``1000 * n`` draws (checked every 10,000 draws), or when ``STALL_DRAWS``
+    draws in a row find nothing new.
+
     Returns:
         ``[{"target": int, "nums": list[int], "solution": str}, ...]``.
     """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    checks.integer("n", n, 0)
+    checks.integer("seed", seed)
+    checks.integer("min_numbers", min_numbers, 1)
+    checks.integer("max_numbers", max_numbers, min_numbers)
+    checks.integer("min_number", min_number, 0)
+    checks.integer("max_number", max_number, min_number)
+    checks.integer("min_target", min_target, 0)
+    checks.integer("max_target", max_target, min_target)
+    capacity, why = capacity_text(min_numbers, max_numbers, min_number, max_number, min_target, max_target)
+    if n > capacity:
+        raise checks.ArgumentError("n", f"at most {capacity} ({why})", n)
     rng = random.Random(seed)
     seen: set[tuple[tuple[int, ...], int]] = set()
     out: list[dict[str, Any]] = []
-    attempts, max_attempts = 0, 1000 * max(n, 1)
+    attempts, last_new = 0, 0
+    max_attempts = MAX_DRAWS_PER_INSTANCE * max(n, 1)
     while len(out) < n:
         attempts += 1
-        if attempts > max_attempts:
-            raise RuntimeError(
-                f"could not generate {n} distinct instances in {max_attempts} attempts; widen the ranges"
-            )
+        if attempts % _CHECK_EVERY == 0 or attempts - last_new > STALL_DRAWS:
+            _check_progress(n, len(out), attempts, last_new, max_attempts, min_numbers, max_numbers,
+                            min_number, max_number, min_target, max_target)
         count = rng.randint(min_numbers, max_numbers)
         nums = [rng.randint(min_number, max_number) for _ in range(count)]
         pool: list[tuple[int, str]] = [(v, str(v)) for v in nums]
-        ok = True
-        while len(pool) > 1:
+        while len(pool) > 1:  # one fewer entry per step
             i, j = rng.sample(range(len(pool)), 2)
             (a, ea), (b, eb) = pool[i], pool[j]
             ops = ["+", "-", "*", "/"]
             rng.shuffle(ops)
+            value = a + b  # "+" always works; the shuffled order picks the first valid operator
             for op in ops:
-                value = _combine(a, b, op)
-                if value is not None:
+                v = _combine(a, b, op)
+                if v is not None:
+                    value = v
                     break
-            else:  # pragma: no cover - "+" always works
-                ok = False
-                break
             pool = [p for k, p in enumerate(pool) if k not in (i, j)] + [(value, f"({ea} {op} {eb})")]
-        if not ok:
-            continue
         target, expression = pool[0]
         if not min_target <= target <= max_target:
             continue
@@ -107,9 +190,28 @@ def generate_countdown(
         if key in seen:
             continue
         seen.add(key)
+        last_new = attempts
         solution = expression[1:-1] if expression.startswith("(") else expression
         out.append({"target": target, "nums": nums, "solution": solution})
     return out
+
+
+def _check_progress(n: int, found: int, attempts: int, last_new: int, max_attempts: int, *settings: int) -> None:
+    """Stop a search that cannot finish within its draw budget (see :func:`generate_countdown`)."""
+    min_numbers, max_numbers, min_number, max_number, min_target, max_target = settings
+    where = (f"{min_numbers}-{max_numbers} numbers in [{min_number}, {max_number}], "
+             f"targets in [{min_target}, {max_target}]")
+    if attempts - last_new > STALL_DRAWS:
+        reason = f"no new instance in the last {STALL_DRAWS} draws (found {found} of {n})"
+    elif found == 0 or attempts * n / found > max_attempts:
+        rate = f"{found} new instances in {attempts} draws"
+        reason = f"at the observed rate ({rate}) {n} instances need more than the {max_attempts} draws allowed"
+    else:
+        return
+    raise ValueError(
+        f"generate_countdown: cannot generate {n} distinct instances ({where}): {reason}; "
+        "raise max_target, lower max_number, or ask for fewer (train_size + val_size)"
+    )
 
 
 class CountdownTask(SplitSettings):
@@ -132,6 +234,8 @@ class CountdownTask(SplitSettings):
         max_response_tokens: generation budget of the paper (512); read by the trainer.
     """
 
+    score_isolation = "process"  # refuses loudly if the task stops being picklable
+
     name = "countdown"
     binary_reward = True
 
@@ -149,27 +253,38 @@ class CountdownTask(SplitSettings):
         max_target: int = 100,
         max_response_tokens: int = 512,
     ) -> None:
-        self._init_splits(train_path, val_path, train_size, val_size, seed)
-        if not 2 <= min_numbers <= max_numbers <= 6:
-            raise ValueError(
-                f"min_numbers / max_numbers must satisfy 2 <= min_numbers <= max_numbers <= 6, "
-                f"got {min_numbers} / {max_numbers}"
-            )
-        if not 1 <= max_number <= 10_000:
-            raise ValueError(f"max_number must be in [1, 10000], got {max_number}")
-        if max_target < 1:
-            raise ValueError(f"max_target must be >= 1, got {max_target}")
-        if max_response_tokens < 1:
-            raise ValueError(f"max_response_tokens must be >= 1, got {max_response_tokens}")
+        checks.optional(checks.integer, "train_size", train_size, 1)
+        checks.optional(checks.integer, "val_size", val_size, 1)
+        checks.integer("seed", seed)
+        checks.integer("min_numbers", min_numbers, 2, 6)
+        checks.integer("max_numbers", max_numbers, min_numbers, 6)
+        checks.integer("max_number", max_number, 1, 10_000)
+        checks.integer("max_target", max_target, 1)
+        checks.integer("max_response_tokens", max_response_tokens, 1)
         if train_path is None and val_path is not None:
             raise ValueError("val_path is set but train_path is not: give both, train_path only, or neither")
         if train_path is None and (train_size is None or val_size is None):
             raise ValueError("train_size and val_size must be integers when the data is generated (no train_path)")
+        if train_path is None:
+            assert train_size is not None and val_size is not None
+            self._check_capacity(train_size, val_size, min_numbers, max_numbers, max_number, max_target)
+        self._init_splits(train_path, val_path, train_size, val_size, seed)
         self.min_numbers, self.max_numbers = int(min_numbers), int(max_numbers)
         self.max_number, self.max_target = int(max_number), int(max_target)
         self.max_response_tokens = int(max_response_tokens)
         self.grader = CountdownGrader(format_score=format_score)
         self._splits: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
+
+    @staticmethod
+    def _check_capacity(train_size: int, val_size: int, min_numbers: int, max_numbers: int, max_number: int,
+                        max_target: int) -> None:
+        """Refuse split sizes that the generator's settings cannot fill with distinct instances."""
+        capacity, why = capacity_text(min_numbers, max_numbers, 1, max_number, 1, max_target)
+        if val_size > capacity - 1:
+            raise checks.ArgumentError("val_size", f"at most {capacity - 1} ({why})", val_size)
+        if train_size + val_size > capacity:
+            allowed = f"at most {capacity - val_size} with val_size={val_size} ({why}, or lower val_size)"
+            raise checks.ArgumentError("train_size", allowed, train_size)
 
     # -- data ---------------------------------------------------------------------------
     @staticmethod

@@ -1,15 +1,23 @@
 """The Countdown grader: the last ``<answer>`` expression, parsed and evaluated safely.
 
-Rules (those of the TinyZero scorer the paper used, minus its ``eval``):
+Rules (those of the TinyZero scorer the paper used, minus its ``eval``; each
+difference from it is named):
 
-* the answer is the text inside the last ``<answer> … </answer>`` pair (the
-  last closing tag and the nearest opening tag before it);
+* the answer is the text of the last complete ``<answer> … </answer>`` pair:
+  the last opening tag that has a closing tag after it, up to the first
+  closing tag after it. A stray second closing tag is ignored, as in the
+  reference. Of a doubled opening tag (``<answer><answer>1 + 2</answer>``)
+  the later one counts (the reference grades ``<answer>1 + 2`` and rejects it);
 * the expression may contain only integers, ``+ - * /``, parentheses and
-  spaces; unary ``+``/``-`` are accepted (Python's ``eval`` in the reference
-  accepted them too);
+  ASCII whitespace (form feed and vertical tab included, as ``eval`` reads
+  them; non-ASCII spaces are rejected); unary ``+``/``-`` are accepted
+  (Python's ``eval`` in the reference accepted them too);
 * the integers written must be exactly the given numbers, each used once (a
-  multiset comparison of the literals, as in the reference: ``2.0`` is not
-  ``2``);
+  multiset comparison of the literals). A decimal literal (``2.0``,
+  ``2.5``, and ``82.`` with a trailing dot) is never one of the numbers:
+  the answer is well formed but wrong. (The reference reads the digit runs
+  of ``2.0`` as the numbers 2 and 0, and so also rejects it, but reads
+  ``82.`` as 82 and accepts it.);
 * its value must be within 1e-5 of the target. Arithmetic is exact
   (``fractions.Fraction``); division by zero makes the answer wrong.
 
@@ -33,6 +41,7 @@ import logging
 from collections.abc import Sequence
 from fractions import Fraction
 
+from tre_lightning import checks
 from tre_lightning.tasks.timeouts import GraderStats
 
 log = logging.getLogger(__name__)
@@ -45,6 +54,7 @@ MAX_BITS = 4_096  # numerators/denominators beyond this are rejected
 TOLERANCE = Fraction(1, 100_000)
 
 _OPEN, _CLOSE = "<answer>", "</answer>"
+_WHITESPACE = " \t\r\n\f\v"  # ASCII whitespace, as Python's eval in the reference reads it
 _BINARY = {"+": 1, "-": 1, "*": 2, "/": 2}
 _UNARY_PREC = 3
 
@@ -54,17 +64,24 @@ class ExpressionError(ValueError):
 
 
 def extract_answer(response: str, max_chars: int = MAX_RESPONSE_CHARS) -> str | None:
-    """The text inside the last ``<answer>…</answer>`` pair, or None. Linear time."""
+    """The text of the last complete ``<answer>…</answer>`` pair, or None. Linear time.
+
+    The pair is the last opening tag that has a closing tag after it, and the
+    first closing tag after that opening tag. So a stray extra closing tag
+    (``<answer>1 + 2</answer></answer>``) is ignored, and of a doubled
+    opening tag (``<answer><answer>1 + 2</answer>``) the later one counts.
+    """
     if not isinstance(response, str):
         return None
     tail = response[-max_chars:] if len(response) > max_chars else response
-    end = tail.rfind(_CLOSE)
-    if end < 0:
+    last_close = tail.rfind(_CLOSE)
+    if last_close < 0:
         return None
-    start = tail.rfind(_OPEN, 0, end)
+    start = tail.rfind(_OPEN, 0, last_close)
     if start < 0:
         return None
-    return tail[start + len(_OPEN) : end]
+    start += len(_OPEN)
+    return tail[start : tail.find(_CLOSE, start)]
 
 
 def tokenize(expression: str) -> list[str]:
@@ -72,7 +89,10 @@ def tokenize(expression: str) -> list[str]:
 
     Raises:
         ExpressionError: a character outside digits, ``+-*/()``, ``.`` and
-            whitespace; a decimal literal; an over-long literal or expression.
+            ASCII whitespace (space, tab, newline, carriage return, form
+            feed, vertical tab); a malformed decimal (``1..2``); an over-long
+            literal or expression. A decimal literal (``2.5``, ``2.0``,
+            ``82.``) is returned as such: well formed, never one of the numbers.
     """
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise ExpressionError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
@@ -80,7 +100,7 @@ def tokenize(expression: str) -> list[str]:
     i, n = 0, len(expression)
     while i < n:
         c = expression[i]
-        if c in " \t\r\n":
+        if c in _WHITESPACE:
             i += 1
         elif c in "+-*/()":
             tokens.append(c)
@@ -240,12 +260,8 @@ class CountdownGrader:
     """
 
     def __init__(self, format_score: float = 0.0, max_response_chars: int = MAX_RESPONSE_CHARS) -> None:
-        if not 0.0 <= format_score < 1.0:
-            raise ValueError(f"format_score must be in [0, 1), got {format_score}")
-        if max_response_chars < 1:
-            raise ValueError(f"max_response_chars must be >= 1, got {max_response_chars}")
-        self.format_score = float(format_score)
-        self.max_response_chars = int(max_response_chars)
+        self.format_score = checks.real("format_score", format_score, 0.0, 1.0, high_open=True)
+        self.max_response_chars = checks.integer("max_response_chars", max_response_chars, 1)
         self.stats = GraderStats()
 
     def grade(self, response: str, nums: Sequence[int], target: float) -> float:

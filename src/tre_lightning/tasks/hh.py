@@ -21,6 +21,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from tre_lightning import checks
 from tre_lightning.tasks.base import Example, Messages
 from tre_lightning.tasks._splits import PathSplits
 from tre_lightning.tasks.data_io import load_rows, nonempty_str
@@ -64,7 +65,7 @@ def _check_device(device: Any) -> None:
         except (RuntimeError, ValueError):
             ok = False
     if not ok:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (N >= 0), got {device!r}")
+        raise checks.ArgumentError("device", "'auto', 'cpu', 'cuda' or 'cuda:N' (N >= 0)", device)
 
 
 class RewardModelScorer:
@@ -91,17 +92,12 @@ class RewardModelScorer:
         dtype: str = "auto",
         device: str = "auto",
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if max_length < 8:
-            raise ValueError(f"max_length must be >= 8, got {max_length}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        self.batch_size = checks.integer("batch_size", batch_size, 1)
+        self.max_length = checks.integer("max_length", max_length, 8)
+        self.load_in_4bit = checks.boolean("load_in_4bit", load_in_4bit)
+        checks.one_of("dtype", dtype, _DTYPES)
         _check_device(device)
         self.path = str(path)
-        self.batch_size = int(batch_size)
-        self.max_length = int(max_length)
-        self.load_in_4bit = bool(load_in_4bit)
         self.dtype = dtype
         self.device = device
         self.model: Any = None
@@ -222,6 +218,8 @@ class HHTask(PathSplits):
         max_response_tokens: generation budget of the paper (1,024); read by the trainer.
     """
 
+    score_isolation = "thread"  # the reward model runs on the trainer's GPU (a worker would load another copy)
+
     name = "hh"
     binary_reward = False
     _owner = "HHTask"
@@ -243,14 +241,14 @@ class HHTask(PathSplits):
         device: str = "auto",
         max_response_tokens: int = 1024,
     ) -> None:
+        checks.optional(checks.integer, "train_size", train_size, 1)
+        checks.optional(checks.integer, "val_size", val_size, 1)
+        checks.integer("seed", seed)
+        self.prompt_key = checks.text("prompt_key", prompt_key)
+        self.max_response_tokens = checks.integer("max_response_tokens", max_response_tokens, 1)
+        checks.optional(checks.text, "reward_model_path", reward_model_path)
         self._init_splits(train_path, val_path, train_size, val_size, seed)
-        if not prompt_key:
-            raise ValueError("prompt_key must be a non-empty column name")
-        if max_response_tokens < 1:
-            raise ValueError(f"max_response_tokens must be >= 1, got {max_response_tokens}")
         self.reward_model_path = reward_model_path
-        self.prompt_key = prompt_key
-        self.max_response_tokens = int(max_response_tokens)
         # Validates batch_size / max_length / dtype now, loads nothing.
         self.scorer = RewardModelScorer(
             reward_model_path or "", batch_size=batch_size, max_length=max_length,

@@ -21,12 +21,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from tre_lightning import checks
 from tre_lightning.tasks.base import Example, Messages
 from tre_lightning.tasks._splits import PathSplits
 from tre_lightning.tasks.data_io import DataError, any_str, load_rows, nonempty_str
-from tre_lightning.tasks.math_grader import MathGrader, last_boxed_answer
+from tre_lightning.tasks.math_grader import MathGrader, final_answer, last_boxed_answer
 
 PROMPT_TEMPLATE = "{problem} Let's think step by step and output the final answer within \\boxed{{}}."
+
+
+def _boxed_reference(solution: str) -> str | None:
+    """The reference answer of a solution: its final answer as responses are read (boxes joined:
+    ``\\boxed{2}, \\boxed{3}`` is ``2, 3``), else its last box (references are trusted)."""
+    return final_answer(solution) or last_boxed_answer(solution)
 
 
 def _with_answer(row: dict[str, Any]) -> dict[str, Any]:
@@ -35,7 +42,7 @@ def _with_answer(row: dict[str, Any]) -> dict[str, Any]:
     solution = row.get("solution")
     if not isinstance(solution, str):
         raise DataError("missing column: need 'solution' (with a \\boxed{} answer) or 'answer'", column="solution")
-    answer = last_boxed_answer(solution)
+    answer = _boxed_reference(solution)
     if not answer or not answer.strip():
         raise DataError("the solution has no \\boxed{} answer", column="solution")
     row["answer"] = answer
@@ -65,6 +72,8 @@ class MathTask(PathSplits):
     ``timeouts``, ``errors``, ``failures``) for this process.
     """
 
+    score_isolation = "process"  # the graders bound each check themselves; a worker bounds the rest
+
     name = "math"
     binary_reward = True
     _owner = "MathTask"
@@ -83,10 +92,11 @@ class MathTask(PathSplits):
         memory_limit_mb: int = 2048,
         max_response_tokens: int = 8192,
     ) -> None:
+        checks.optional(checks.integer, "train_size", train_size, 1)
+        checks.optional(checks.integer, "val_size", val_size, 1)
+        checks.integer("seed", seed)
+        self.max_response_tokens = checks.integer("max_response_tokens", max_response_tokens, 1)
         self._init_splits(train_path, val_path, train_size, val_size, seed)
-        if max_response_tokens < 1:
-            raise ValueError(f"max_response_tokens must be >= 1, got {max_response_tokens}")
-        self.max_response_tokens = int(max_response_tokens)
         self.grader = MathGrader(
             use_math_verify=use_math_verify,
             time_limit=time_limit,
@@ -114,7 +124,7 @@ class MathTask(PathSplits):
         answer = example.get("answer")
         if isinstance(answer, str) and answer.strip():
             return answer
-        boxed = last_boxed_answer(str(example.get("solution", "")))
+        boxed = _boxed_reference(str(example.get("solution", "")))
         if not boxed:
             raise ValueError("MATH example has neither an 'answer' nor a boxed answer in its 'solution'")
         return boxed

@@ -1,0 +1,127 @@
+"""The policy-loss pass of one micro-batch: PPO surrogate plus the regularizers.
+
+The regularizers see a :class:`~tre_lightning.regularizers.base.PolicyContext`
+(current logits, log-probs, behaviour log-probs, advantages, mask) and return
+their outputs; :func:`compose_policy_loss` is the one place where the
+outputs become a loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from tre_lightning.models.actor_critic import ActorCritic
+from tre_lightning.ppo import aggregate_loss, clipped_policy_loss, masked_mean
+from tre_lightning.regularizers.base import PolicyContext, Regularizer, RegularizerOutput
+from tre_lightning.regularizers.functional import log_probs_from_logits, token_stats
+from tre_lightning.rollout.experience import Experience
+from tre_lightning.training.config import PPOConfig
+from tre_lightning.training.stats import RunningMeans
+
+__all__ = ["compose_policy_loss", "policy_loss"]
+
+
+def compose_policy_loss(
+    surrogate: Tensor,
+    mask: Tensor,
+    outputs: Sequence[tuple[Regularizer, RegularizerOutput]],
+    mode: str,
+    normalizer: Tensor,
+) -> Tensor:
+    """Surrogate + regularizers for one micro-batch (its share of the mini-batch loss).
+
+    Where any ``pg_detach`` is True the surrogate's gradient is stopped; the
+    surrogate's mask is ``mask × Π pg_weight``. For ``token-mean`` the
+    surrogate's denominator is the mini-batch token count scaled by the
+    fraction of this micro-batch's weight that ``pg_weight`` keeps (exact for
+    one micro-batch, and for selections that keep the same fraction of every
+    micro-batch; data-parallel ranks act as further micro-batches, since
+    ``normalizer`` is the global denominator / W); the seq-mean modes keep
+    the mini-batch sequence count. Each regularizer that returns a ``loss``
+    adds ``coef × aggregate(loss, mask)``.
+
+    Args:
+        surrogate: (B, T) per-token PPO surrogate.
+        mask: (B, T) 1 on valid response tokens.
+        outputs: each regularizer with its output on this micro-batch.
+        mode: the loss aggregation mode.
+        normalizer: the mini-batch denominator share (see ``ppo.global_loss_normalizer``).
+    """
+    pg_mask = mask
+    detach: Tensor | None = None
+    for _, out in outputs:
+        if out.pg_weight is not None:
+            pg_mask = pg_mask * out.pg_weight.to(pg_mask.dtype)
+        if out.pg_detach is not None:
+            detach = out.pg_detach if detach is None else (detach | out.pg_detach)
+    if detach is not None:
+        surrogate = torch.where(detach, surrogate.detach(), surrogate)
+    pg_normalizer = normalizer
+    if pg_mask is not mask and mode == "token-mean":
+        kept = pg_mask.sum() / mask.sum().clamp_min(1e-12)
+        pg_normalizer = (normalizer * kept).clamp_min(1e-12)
+    loss = aggregate_loss(surrogate, pg_mask, mode, normalizer=pg_normalizer)
+    for reg, out in outputs:
+        if out.loss is not None:
+            coef = getattr(reg, "coef", None)
+            if coef is None:
+                raise TypeError(f"{reg!r} returned a loss but has no `coef` (the weight of its loss term)")
+            loss = loss + coef * aggregate_loss(out.loss, mask, mode, normalizer=normalizer)
+    return loss
+
+
+def policy_loss(
+    model: ActorCritic,
+    micro: Experience,
+    regularizers: Sequence[Regularizer],
+    cfg: PPOConfig,
+    temperature: float,
+    normalizer: Tensor,
+    stats: RunningMeans,
+    weight: float,
+) -> tuple[Tensor, Tensor | None]:
+    """The micro-batch's share of the mini-batch policy loss, and the hidden states a shared
+    value head reads (None with a separate critic). Diagnostics go to ``stats`` with ``weight``
+    (the micro-batch's valid tokens).
+
+    The logits are divided by the rollout ``temperature``, as the behaviour
+    log-probs were: the ratio compares the same distribution that sampled.
+    """
+    mask = micro.response_mask.float()
+    logits, hidden = model.policy_logits(micro.input_ids, micro.attention_mask, micro.response_ids.shape[1],
+                                         temperature)
+    log_probs = log_probs_from_logits(logits, micro.response_ids)
+    pg = clipped_policy_loss(
+        log_probs,
+        micro.old_log_probs,
+        micro.advantages,
+        mask,
+        clip_ratio_low=cfg.clip_ratio_low,
+        clip_ratio_high=cfg.clip_ratio_high,
+        dual_clip=cfg.dual_clip,
+    )
+    ctx = PolicyContext(
+        logits=logits,
+        log_probs=log_probs,
+        old_log_probs=micro.old_log_probs,
+        advantages=micro.advantages,
+        mask=mask,
+        clipped=pg.clipped,
+    )
+    outputs = [(reg, reg(ctx)) for reg in regularizers]
+    loss = compose_policy_loss(pg.per_token, mask, outputs, cfg.loss_aggregation, normalizer)
+
+    with torch.no_grad():
+        p_max, entropy = token_stats(logits.detach())
+        stats.add("policy/p_max", masked_mean(p_max.float(), mask), weight)
+        stats.add("policy/entropy", masked_mean(entropy.float(), mask), weight)
+        stats.add("policy/clipfrac", pg.clipfrac, weight)
+        stats.add("policy/clipfrac_lower", pg.clipfrac_lower, weight)
+        stats.add("policy/approx_kl", pg.approx_kl, weight)
+        for _, out in outputs:
+            for name, value in out.metrics.items():
+                stats.add(name if "/" in name else f"policy/{name}", value, weight)
+    return loss, hidden
