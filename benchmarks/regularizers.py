@@ -474,8 +474,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--naive", action="store_true", help="also time the unchunked autograd entropy")
     ap.add_argument("--skip", default="", help="comma-separated entry names to leave out")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--json", default=None, help="write the results to this file")
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
     cases = [{"gaussian": "gauss2"}.get(args.logits, args.logits)] if args.logits else args.cases.split(",")
     for c in cases:
