@@ -23,8 +23,9 @@ SCALE = 2**149  # every float32 value is an integer multiple of 2**-149
 
 
 def _exact_ints(p: torch.Tensor) -> list[int]:
-    """Each float32 probability as an exact integer multiple of 2**-149."""
-    return [int(Fraction(x) * SCALE) for x in p.double().tolist()]
+    """Each float32 probability as an exact integer multiple of 2**-149 (scaling a
+    float64 by a power of two and truncating an integral float are both exact)."""
+    return [int(x * 2.0**149) for x in p.double().tolist()]
 
 
 def _order(z: torch.Tensor) -> list[int]:
