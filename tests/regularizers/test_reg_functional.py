@@ -405,3 +405,235 @@ def test_extra_memory_is_a_few_chunks(name):
     grad_bytes = z.grad.numel() * 4
     assert fwd <= 4 * unit
     assert bwd - grad_bytes <= 4 * unit
+
+
+# --------------------------------------------------------------------------- exact nucleus: the "< P" rule, ties, fallbacks
+
+
+def _exact_mass_rows(dtype: torch.dtype, n_tied_in: int) -> tuple[torch.Tensor, float]:
+    """One row whose probabilities are powers of two: 1/2 for token 0 and 2**-11 for
+    1,024 tied tokens, with P = 1/2 + n_tied_in * 2**-11 exactly (a cumulative mass)."""
+    z = torch.full((1, 1025), -10 * math.log(2), dtype=dtype)
+    z[0, 0] = 0.0
+    p = torch.softmax(z, -1)
+    assert p[0, 0] == 0.5 and bool((p[0, 1:] == 2**-11).all())  # the premise: exact float probabilities
+    return z, 0.5 + n_tied_in * 2**-11
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_tied_in", [100, 300])  # 101 tokens: sparse path; 301: dense path
+def test_tre_p_cumulative_mass_equal_to_p_excludes_the_next_token(dtype, n_tied_in):
+    """Mass ranked above == P exactly: that token is out (the rule is "< P", not "<= P").
+
+    Token 0 (p = 1/2) and 1,024 tokens of p = 2**-11: with P = 1/2 + m 2**-11 the
+    region is token 0 and the first m tied tokens (lowest ids), m + 1 in all.
+    Checked against the mutant ``incl = ... < top_p`` -> ``<= top_p`` in
+    ``_nucleus._select``: the region gets m + 2 tokens and all four cases fail
+    (sparse and dense path, float32 and float64).
+    """
+    z, top_p = _exact_mass_rows(dtype, n_tied_in)
+    zg = z.clone().requires_grad_(True)
+    out = F.trust_region_entropy(zg, top_p=top_p)
+    assert int(out.region_size) == n_tied_in + 1
+    q = torch.tensor([0.5] + [2**-11] * n_tied_in, dtype=torch.float64)
+    q = q / q.sum()
+    expect = math.log(1025) / math.log(n_tied_in + 1) * float(-(q * q.log()).sum())
+    # (the value is the entropy of the local softmax of the logits, whose float32
+    # rounding of -10 ln 2 moves it by ~1e-6 from this hand value)
+    torch.testing.assert_close(out.value.double(), torch.tensor([expect], dtype=torch.float64), rtol=1e-5, atol=0)
+    out.value.sum().backward()
+    g = zg.grad[0]
+    assert (g[n_tied_in + 1 :] == 0).all()  # the tied tokens left out (higher ids) get no gradient
+    assert (g[1 : n_tied_in + 1] != 0).all()
+    ref, size = ref_tre(z.double(), top_p=top_p)
+    assert int(size) == n_tied_in + 1
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out.value.double(), ref, rtol=tol, atol=0)
+
+
+def test_tre_p_capped_top16_path_cumulative_mass_equal_to_p():
+    """The capped variant's top-16 stage applies the same "< P" rule at an exact tie.
+
+    Probabilities 1/2, 1/4, 1/8, 1/16, 1/16 (exact in float32) and P = 3/4:
+    the region is the first two tokens. Checked against the mutant ``(cs <
+    top_p)`` -> ``(cs <= top_p)`` in ``_tre_capped``: it gives 3 tokens and this
+    test fails. The uncapped kernel (no top-16 stage any more) is checked too.
+    """
+    p = torch.tensor([[0.5, 0.25, 0.125, 0.0625, 0.0625]])
+    z = p.log()
+    assert torch.equal(torch.softmax(z, -1), p)  # the premise: exact float32 probabilities
+    for kwargs in ({"max_region": 256}, {}):
+        out = F.trust_region_entropy(z, top_p=0.75, **kwargs)
+        assert int(out.region_size) == 2
+        q = torch.tensor([2 / 3, 1 / 3])
+        torch.testing.assert_close(out.value, math.log(5) / math.log(2) * -(q * q.log()).sum()[None])
+
+
+@pytest.mark.parametrize("m", [3, 40, 900])  # small region, small but spread over blocks, dense
+def test_tre_p_exact_mass_of_random_rows(m):
+    """P equal to the exact (float64) sum of the m largest float32 probabilities of a row
+    (untied logits) gives a region of exactly m tokens, on the sparse and the dense path.
+
+    Whether a mutant of the rule shows here depends on whether token m + 1 falls
+    in the boundary's value bin; the tied-token tests above are the ones checked
+    against the mutants.
+    """
+    gen = torch.Generator().manual_seed(m)
+    z = (torch.randn(3, 4000, generator=gen) * 0.7).float()
+    p = torch.softmax(z, -1)
+    for row in range(3):
+        top = p[row].sort(descending=True).values[:m]
+        top_p = math.fsum(top.double().tolist())  # exact: float32 values >= 2**-29
+        assert top_p < 1.0
+        out = F.trust_region_entropy(z[row : row + 1], top_p=top_p)
+        assert int(out.region_size) == m
+        # the value over those m tokens (the float64 reference's own
+        # probabilities differ by ~1e-8 and may draw the line elsewhere here)
+        q = torch.log_softmax(z[row].double().sort(descending=True).values[:m], 0)
+        expect = math.log(4000) / math.log(m) * float(-(q.exp() * q).sum())
+        torch.testing.assert_close(out.value.double(), torch.tensor([expect], dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+def test_tre_p_support_when_the_float32_mass_never_reaches_p():
+    """P above the total of the float32 probabilities: the region is every finite logit."""
+    gen = torch.Generator().manual_seed(13)
+    z = (torch.randn(2, 3000, generator=gen) * 1.5).float()
+    z[1, :700] = -INF
+    totals = [math.fsum(r) for r in torch.softmax(z, -1).double().tolist()]
+    top_p = math.nextafter(max(totals), 2.0)
+    if top_p >= 1.0:
+        pytest.skip("float32 probabilities of this row sum to >= 1; the premise does not hold")
+    out = F.trust_region_entropy(z, top_p=top_p)
+    finite = torch.isfinite(z).sum(-1)
+    assert torch.equal(out.region_size, finite)
+    expect = torch.where(finite > 1, math.log(3000) / finite.double().log() * ref_entropy(z.double()), 0.0)
+    torch.testing.assert_close(out.value.double(), expect, rtol=1e-5, atol=1e-6)
+
+
+def _mixed_rows(vocab: int, gen: torch.Generator) -> torch.Tensor:
+    """Peaked, flat, tied and masked rows in one batch (every path of the kernel in one chunk)."""
+    parts = [
+        _family("peaked", 3, vocab, gen),
+        _family("flat", 3, vocab, gen) * 5,  # nuclei of thousands: dense rows
+        _family("random", 3, vocab, gen) / 2,
+        _family("tied", 2, vocab, gen),
+        _family("masked", 3, vocab, gen),
+    ]
+    return torch.cat(parts)[torch.randperm(14, generator=gen)]
+
+
+@pytest.mark.parametrize("band", ["predicted", "too_high", "too_low", "empty", "everything"])
+def test_tre_p_exact_whatever_band_is_predicted(band, monkeypatch):
+    """Wrong band predictions only cost time: the band is checked exactly and widened.
+
+    ``too_high`` puts the band above the boundary (it is widened downwards),
+    ``too_low`` below it (upwards), ``empty`` has no token at all; every row must
+    still match the literal reference, values, sizes and gradients.
+    """
+    from tre_lightning.regularizers import _nucleus
+
+    orig = _nucleus.predict_band
+
+    def fake(z, p, zmax, top_p, active, work):
+        lo, hi = orig(z, p, zmax, top_p, active, work)
+        inf = torch.full_like(lo, INF)
+        if band == "too_high":
+            lo, hi = zmax - 1e-3, inf
+        elif band == "too_low":
+            lo, hi = torch.full_like(lo, -INF), z.masked_fill(torch.isinf(z), INF).amin(1) + 1e-3
+        elif band == "empty":
+            lo = hi = zmax - 0.5
+        elif band == "everything":
+            lo, hi = torch.full_like(lo, -INF), inf
+        return torch.where(active, lo, inf), torch.where(active, hi, inf)
+
+    monkeypatch.setattr(_nucleus, "predict_band", fake)
+    gen = torch.Generator().manual_seed(21)
+    z = _mixed_rows(3000, gen)
+    w = torch.randn(14, generator=gen, dtype=torch.float64)
+    out = F.trust_region_entropy(z, top_p=0.9, chunk_size=5)
+    ref, size = ref_tre(z, top_p=0.9)
+    assert torch.equal(out.region_size, size)
+    torch.testing.assert_close(out.value, ref, rtol=1e-9, atol=1e-11)
+    g = _grad(lambda x: F.trust_region_entropy(x, top_p=0.9, chunk_size=5).value, z, w)
+    g_ref = _grad(lambda x: ref_tre(x, top_p=0.9)[0], z, w)
+    _tie_groups_match(g, g_ref, z, rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.99])
+def test_tre_p_mixed_batch_matches_reference(top_p):
+    """Sparse, dense, dominant-token, tied and masked rows side by side in chunks."""
+    gen = torch.Generator().manual_seed(22)
+    z = _mixed_rows(3000, gen)
+    w = torch.randn(14, generator=gen, dtype=torch.float64)
+    out = F.trust_region_entropy(z, top_p=top_p, chunk_size=6)
+    ref, size = ref_tre(z, top_p=top_p)
+    assert torch.equal(out.region_size, size)
+    assert int(size.max()) > 256  # the dense path is exercised
+    torch.testing.assert_close(out.value, ref, rtol=1e-9, atol=1e-11)
+    g = _grad(lambda x: F.trust_region_entropy(x, top_p=top_p, chunk_size=6).value, z, w)
+    g_ref = _grad(lambda x: ref_tre(x, top_p=top_p)[0], z, w)
+    _tie_groups_match(g, g_ref, z, rtol=1e-8, atol=1e-11)
+
+
+def test_gradcheck_float64_dense_region():
+    """The dense backward (regions above SMALL_REGION tokens), masked logits included."""
+    gen = torch.Generator().manual_seed(23)
+    z = torch.randn(2, 400, generator=gen, dtype=torch.float64) * 0.1
+    z[1, :30] = -INF
+    fn = lambda x: F.trust_region_entropy(x, top_p=0.95).value  # noqa: E731
+    assert int(fn(z).min()) > 0 and int(F.trust_region_entropy(z, top_p=0.95).region_size.min()) > F.SMALL_REGION
+    assert torch.autograd.gradcheck(fn, (z.requires_grad_(True),), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fused_cpu_passes_match_eager(monkeypatch):
+    """The compiled (fused) CPU passes give the same regions and, to rounding, the same
+    values and gradients as the eager ones (flat, peaked, tied and masked float32 rows)."""
+    from tre_lightning.regularizers import _fuse
+
+    gen = torch.Generator().manual_seed(24)
+    z = torch.cat([_mixed_rows(20000, gen), (torch.randn(4, 20000, generator=gen) * 2).double()]).float()
+    w = torch.randn(z.shape[0], generator=gen)
+    runs = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("TRE_LIGHTNING_COMPILE", mode)
+        leaf = z.clone().requires_grad_(True)
+        out = F.trust_region_entropy(leaf, top_p=0.99, chunk_size=8)
+        (out.value * w).sum().backward()
+        runs[mode] = (out.region_size, out.value, leaf.grad)
+    assert _fuse._compiled.get("above_sums") is not None and _fuse._compiled.get("dense_grad") is not None
+    assert torch.equal(runs["0"][0], runs["1"][0])
+    torch.testing.assert_close(runs["1"][1], runs["0"][1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runs["1"][2], runs["0"][2], rtol=1e-4, atol=1e-7)
+
+
+def test_tre_p_boundary_token_on_the_band_edge(monkeypatch):
+    """The tokens above the band already hold exactly P: the boundary is the last of
+    them, not a band token (the check is ``mass above >= P``).
+
+    Probabilities 1/2, 1/4, 1/8, 1/16, 1/16 (exact in float32), P = 3/4 and a band
+    forced to start just below token 1: the region is tokens 0 and 1, with their
+    gradient. Checked against two mutants, each of which fails this test (the
+    boundary logit is lost and the region's gradient comes out zero):
+    ``fail_above = m_a >= top_p`` -> ``>`` in ``nucleus_chunk``, and the
+    boundary-bin comparison ``... + suf[:, :nb] >= top_p`` -> ``>`` in ``_select``.
+    """
+    from tre_lightning.regularizers import _nucleus
+
+    p = torch.tensor([[0.5, 0.25, 0.125, 0.0625, 0.0625]])
+    z = p.log()
+    assert torch.equal(torch.softmax(z, -1), p)
+    edge = float((z[0, 1] + z[0, 2]) / 2)
+
+    def fake(z_, p_, zmax, top_p, active, work):
+        return torch.full_like(zmax, -INF), torch.full_like(zmax, edge)
+
+    monkeypatch.setattr(_nucleus, "predict_band", fake)
+    monkeypatch.setattr(F, "SMALL_REGION", 1)  # the dense path, which uses the boundary logit
+    zg = z.clone().requires_grad_(True)
+    out = F.trust_region_entropy(zg, top_p=0.75)
+    assert int(out.region_size) == 2
+    out.value.sum().backward()
+    g_ref = _grad(lambda x: ref_tre(x, top_p=0.75)[0], z.double(), torch.ones(1, dtype=torch.float64))
+    torch.testing.assert_close(zg.grad.double(), g_ref, rtol=1e-5, atol=1e-6)

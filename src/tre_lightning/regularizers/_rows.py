@@ -127,6 +127,20 @@ class Scratch:
             self._bufs[(name, dt)] = buf
         return buf[:r]
 
+    def padded_mask(self, r: int) -> tuple[Tensor, Tensor]:
+        """(r, V) bool view into a zero-padded (r, V8) bool buffer, and that buffer.
+
+        V8 is V rounded up to a multiple of 8, so that the buffer's rows can be
+        read as int64 words; the padding columns stay False.
+        """
+        key = ("mask", torch.bool)
+        buf = self._bufs.get(key)
+        if buf is None:
+            v8 = -(-self.shape[1] // 8) * 8
+            buf = torch.zeros((self.shape[0], v8), dtype=torch.bool, device=self.device)
+            self._bufs[key] = buf
+        return buf[:r, : self.shape[1]], buf[:r]
+
     def as_compute(self, zc: Tensor) -> Tensor:
         """The chunk in the compute dtype (a copy into a buffer only if needed)."""
         if zc.dtype == self.dtype:

@@ -20,13 +20,16 @@ pass call them. Every kernel:
 (55 rows at V = 151,936 on CPU, 1,024 rows on accelerators).
 
 The trust-region kernel (TRE-K, TRE-P; paper Eq. 7-9, Algorithm 1) never
-sorts the vocabulary. TRE-P finds the exact nucleus (the smallest set of
-tokens whose probability reaches P) from a top-16 of each row, widens to a
-top-256 only for rows whose nucleus is larger, and for the rare rows whose
-nucleus exceeds 256 tokens locates the nucleus threshold with a histogram of
-probability mass over log-probability bins (1/16 nat wide) followed by a
-sort of the one bin that contains the threshold. The result is exact (ties
-included); only its cost depends on the logits.
+sorts the vocabulary. TRE-K takes a top-k. TRE-P finds the exact nucleus
+(the smallest set of tokens whose probability reaches P, ties and the "mass
+ranked above < P" rule of Algorithm 1) with a fixed number of passes per row
+whatever the distribution (:mod:`~tre_lightning.regularizers._nucleus`): a
+band of logits predicted from a subsample, exact float64 sums above it, and
+an exact select inside it. Rows with at most ``SMALL_REGION`` tokens keep a
+sparse gradient; larger regions are recomputed densely in backward from the
+saved logits (one fused pass on CPU, see
+:mod:`~tre_lightning.regularizers._fuse`). The capped variant
+(``max_region``) takes top-k's of 16, 256 and the cap.
 """
 
 from __future__ import annotations
@@ -35,9 +38,12 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F_nn
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from tre_lightning.regularizers import _fuse
+from tre_lightning.regularizers._nucleus import nucleus_chunk
 from tre_lightning.regularizers._rows import Rows, Scratch, compute_dtype, resolve_chunk_size
 
 __all__ = [
@@ -49,13 +55,6 @@ __all__ = [
     "token_stats",
     "trust_region_entropy",
 ]
-
-#: top-k widths tried in turn by TRE-P before the histogram search.
-TOPK_STAGES: tuple[int, ...] = (16, 256)
-#: histogram used to locate wide nuclei: bins of 1/16 nat over 256 nats of
-#: log-probability; everything below e^-256 (zero in float32) shares the last bin.
-_BINS_PER_NAT = 16
-_NUM_BINS = 4096
 
 
 def _finite_min(dtype: torch.dtype) -> float:
@@ -337,145 +336,259 @@ class TrustRegionEntropy(NamedTuple):
     region_size: Tensor
 
 
-def _local_entropy(vals: Tensor, n: Tensor, log_v: float) -> tuple[Tensor, Tensor]:
-    """Scaled entropy of softmax over the first n of each row of ``vals``.
+def _gamma(n: Tensor, log_v: float) -> Tensor:
+    """log V / log n (float64) where n >= 2, else 0."""
+    return torch.where(n >= 2, log_v / torch.log(n.clamp(min=2).double()), 0.0)
+
+
+def _local_entropy(vals: Tensor, valid: Tensor, log_v: float) -> tuple[Tensor, Tensor]:
+    """Scaled entropy of softmax over the valid entries of each row.
 
     Args:
-        vals: (R, k) logits sorted in descending order (compute dtype).
-        n: (R,) region sizes, 0 <= n <= k, counting finite entries only.
+        vals: (R, k) logits (compute dtype), any order.
+        valid: (R, k) bool, the region's entries (finite logits only).
 
     Returns:
-        value (R,) and d value / d vals (R, k).
+        value (R,) and d value / d vals (R, k); both 0 where |TR| <= 1, and
+        the derivative is 0 off the region.
     """
-    k = vals.shape[1]
-    valid = torch.arange(k, device=vals.device)[None, :] < n[:, None]
+    n = valid.sum(1)
     v = vals.masked_fill(~valid, -math.inf)
     lse = torch.logsumexp(v, dim=1, keepdim=True)
     logq = v - lse
     q = logq.exp()
     h = -torch.where(valid, q * logq, 0.0).sum(1)
     big = n >= 2
-    gamma = torch.where(big, log_v / torch.log(n.clamp(min=2).to(vals.dtype)), 0.0)
+    gamma = _gamma(n, log_v).to(vals.dtype)
     value = torch.where(big, gamma * h, 0.0)
     dv = torch.where(valid & big[:, None], -q * (logq + h[:, None]) * gamma[:, None], 0.0)
     return value, dv
 
 
-class _Narrow(NamedTuple):
-    ids: Tensor  # (R,) global rows
-    idx: Tensor  # (R, k) token ids of the sorted top-k
-    dv: Tensor  # (R, k) d value / d z at those ids
+class _Sparse(NamedTuple):
+    """Gradient of rows with small regions, as a list of entries."""
+
+    rows: Tensor  # (E,) global rows
+    cols: Tensor  # (E,) token ids
+    dv: Tensor  # (E,) d value / d z at those entries
 
 
-class _Wide(NamedTuple):
+class _Dense(NamedTuple):
+    """Rows with large regions: region = {z > tau} plus the listed tied tokens.
+
+    The gradient is recomputed from the logits: for z > tau,
+    d value / d z = scale * e^(z - tau) * (z - tau + delta) (local-softmax entropy).
+    """
+
     ids: Tensor  # (W,) global rows
-    tau: Tensor  # (W,) region = {z > tau} + m_tie tokens with z == tau (lowest ids first)
-    m_tie: Tensor  # (W,) long
-    partial: Tensor  # (W,) bool, True when only some of the tokens tied at tau are in
-    log_m: Tensor  # (W,) log of the region's probability mass
-    h: Tensor  # (W,) local entropy
-    gamma: Tensor  # (W,) log|V| / log|TR|
+    tau: Tensor  # (W,) threshold (compute dtype)
+    delta: Tensor  # (W,) float64
+    scale: Tensor  # (W,) float64, -gamma * e^(tau - logsumexp over the region)
+    tie_rows: Tensor  # global rows of tokens with z == tau that are in (partial ties)
+    tie_cols: Tensor
 
 
-def _seg_sum(values: Tensor, seg: Tensor, nseg: int) -> Tensor:
-    return torch.zeros(nseg, dtype=values.dtype, device=values.device).index_add_(0, seg, values)
+class _Support(NamedTuple):
+    """Rows whose region is every finite logit: value gamma * H(softmax(z))."""
+
+    ids: Tensor  # (W,) global rows
+    gamma: Tensor  # (W,) float64
 
 
-def _wide_threshold(zw: Tensor, lpw: Tensor, pw: Tensor, top_p: float) -> tuple[Tensor, ...]:
-    """Exact nucleus threshold for rows whose nucleus is large, without a sort of V.
+#: rows whose nucleus has at most this many tokens (and lies in the predicted
+#: band) get a sparse gradient; larger ones are recomputed densely in backward.
+SMALL_REGION = 256
+#: top-k widths tried in turn by the capped TRE-P (``max_region``).
+TOPK_STAGES: tuple[int, ...] = (16, 256)
 
-    Mass histogram over log-probability bins, then an exact sort of the one
-    bin where the cumulative mass crosses ``top_p``.
 
-    Returns:
-        tau, m_tie, ties_total, n (region size), support (bool: the mass only
-        reaches P in the float32-underflow bin, the region is the support).
+class _TREState:
+    """Outputs and backward records of one :class:`_TREFn` call."""
+
+    def __init__(self, logits: Tensor, chunk_size: int | None) -> None:
+        self.rows, self.chunk, self.cdt, self.scratch = _setup(logits, chunk_size)
+        n, dev = self.rows.n, logits.device
+        self.vocab = self.rows.vocab
+        self.log_v = math.log(self.vocab) if self.vocab > 1 else 0.0
+        self.value = torch.zeros(n, dtype=self.cdt, device=dev)
+        self.peak = torch.full((n,), math.nan, dtype=self.cdt, device=dev)
+        self.size = torch.zeros(n, dtype=torch.long, device=dev)
+        self.sparse: list[_Sparse] = []
+        self.dense: list[_Dense] = []
+        self.support: list[_Support] = []
+
+    def add_sorted(self, ids: Tensor, vals: Tensor, idx: Tensor, n: Tensor) -> None:
+        """Rows whose region is the first n of their sorted top-k (vals, idx: (R, k))."""
+        kmax = max(int(n.max()), 1) if n.numel() else 1
+        vals, idx = vals[:, :kmax], idx[:, :kmax]
+        valid = torch.arange(kmax, device=vals.device)[None, :] < n[:, None]
+        v, dv = _local_entropy(vals, valid, self.log_v)
+        self.value[ids] = v
+        self.size[ids] = n
+        r, c = valid.nonzero(as_tuple=True)
+        self.sparse.append(_Sparse(ids[r], idx[r, c], dv[r, c]))
+
+
+def _tre_topk(st: _TREState, top_k: int, with_peak: bool) -> None:
+    """TRE-K: the region is the top_k largest logits (fewer where fewer are finite)."""
+    k = min(top_k, st.vocab)
+    for s, zc in st.rows.chunks(st.chunk):
+        r = zc.shape[0]
+        vals, idx = zc.topk(k, dim=-1)  # in the input dtype: same order
+        vals = vals.to(st.cdt)
+        if with_peak:
+            lp = _log_softmax_into(st.scratch.as_compute(zc), st.scratch)
+            st.peak[s : s + r] = lp.gather(1, idx[:, :1]).squeeze(1).exp()
+        st.add_sorted(torch.arange(s, s + r, device=zc.device), vals, idx, torch.isfinite(vals).sum(1))
+
+
+def _tre_capped(st: _TREState, top_p: float, cap: int) -> None:
+    """TRE-P with the region truncated to ``cap`` tokens (the authors' top-256)."""
+    vocab, dev = st.vocab, st.value.device
+    cap = min(cap, vocab)
+    stages = sorted({s for s in TOPK_STAGES if s < cap} | {cap})
+    support_mode = top_p >= 1.0
+    for s, zc in st.rows.chunks(st.chunk):
+        r = zc.shape[0]
+        zf = st.scratch.as_compute(zc)
+        lp_flat = _log_softmax_into(zf, st.scratch).view(-1)
+        local = torch.arange(r, device=dev)  # rows of this chunk still undecided
+        for si, k in enumerate(stages):
+            sub = zf if si == 0 else zf.index_select(0, local)
+            vals, idx = sub.topk(k, dim=-1)
+            del sub
+            plog = lp_flat[local[:, None] * vocab + idx]
+            if si == 0:
+                st.peak[s : s + r] = plog[:, 0].exp()
+            fin = torch.isfinite(vals).sum(1)
+            exhausted = (fin < k) | (k == vocab)
+            if support_mode:
+                n, covered = fin, exhausted
+            else:
+                cs = plog.exp().double().cumsum(1)
+                n = (cs < top_p).sum(1) + 1
+                covered = (n <= k) | exhausted
+                n = torch.minimum(n, fin)
+            if k >= cap:
+                covered = torch.ones_like(covered)
+                n = n.clamp(max=cap)
+            if bool(covered.all()):
+                st.add_sorted(local + s, vals, idx, n)
+                break
+            if bool(covered.any()):
+                st.add_sorted(local[covered] + s, vals[covered], idx[covered], n[covered])
+            local = local[~covered]
+
+
+def _tre_support(st: _TREState, ids: Tensor | None) -> None:
+    """Rows whose region is every finite logit (TRE-P with P = 1): gamma * H(softmax(z)).
+
+    ``ids=None`` means all rows, chunk by chunk; else the listed global rows.
     """
-    w = zw.shape[0]
-    dev = zw.device
-    key = (lpw * -float(_BINS_PER_NAT)).clamp_(0, _NUM_BINS - 1).to(torch.int32)
-    key += (torch.arange(w, device=dev, dtype=torch.int32) * _NUM_BINS)[:, None]
-    flat = key.view(-1)
-    mass = torch.bincount(flat, weights=pw.reshape(-1).double(), minlength=w * _NUM_BINS).view(w, _NUM_BINS)
-    cnt = torch.bincount(flat, minlength=w * _NUM_BINS).view(w, _NUM_BINS)
-    cm = mass.cumsum(1)
-    b = (cm < top_p).sum(1)  # bin in which the cumulative mass reaches P
-    support = b >= _NUM_BINS - 1
-    b = b.clamp(max=_NUM_BINS - 1)
-    prev = (b - 1).clamp(min=0)[:, None]
-    mass_above = torch.where(b > 0, cm.gather(1, prev).squeeze(1), 0.0)
-    n_above = torch.where(b > 0, cnt.cumsum(1).gather(1, prev).squeeze(1), 0)
-
-    target = b.to(torch.int32) + torch.arange(w, device=dev, dtype=torch.int32) * _NUM_BINS
-    target = torch.where(support, -1, target)  # support rows need no candidates
-    rr, cc = (key == target[:, None]).nonzero(as_tuple=True)  # row-major
-    del key
-    n_fin = torch.isfinite(zw).sum(1)
-    tau = zw.new_full((w,), -math.inf)
-    m_tie = torch.zeros(w, dtype=torch.long, device=dev)
-    ties = torch.zeros(w, dtype=torch.long, device=dev)
-    n = n_fin.clone()
-    if rr.numel():
-        cv, cp = zw[rr, cc], pw[rr, cc].double()
-        o1 = torch.argsort(cv, descending=True, stable=True)
-        perm = o1[torch.argsort(rr[o1], stable=True)]  # by row, then z descending
-        sv, sp, srow = cv[perm], cp[perm], rr[perm]
-        counts = torch.bincount(srow, minlength=w)
-        starts = counts.cumsum(0) - counts
-        excl = sp.cumsum(0) - sp  # mass of earlier candidates, across rows
-        first = excl[starts.clamp(max=sv.numel() - 1)]
-        need = (mass_above[srow] + (excl - first[srow])) < top_p
-        m = torch.minimum(_seg_sum(need.long(), srow, w).clamp(min=1), counts.clamp(min=1))
-        pos = (starts + m - 1).clamp(max=sv.numel() - 1)
-        t = sv[pos]
-        gt = _seg_sum((sv > t[srow]).long(), srow, w)
-        tie = _seg_sum((sv == t[srow]).long(), srow, w)
-        ok = ~support
-        tau = torch.where(ok, t, tau)
-        m_tie = torch.where(ok, m - gt, m_tie)
-        ties = torch.where(ok, tie, ties)
-        n = torch.where(ok, n_above + m, n)
-    return tau, m_tie, ties, n, support
-
-
-def _region_mask(zw: Tensor, tau: Tensor, m_tie: Tensor, partial: Tensor) -> Tensor:
-    sel = zw > tau[:, None]
-    full_ties = (m_tie > 0) & ~partial
-    if bool(full_ties.any()):
-        sel |= (zw == tau[:, None]) & full_ties[:, None]
-    if bool(partial.any()):
-        for i in partial.nonzero().squeeze(1).tolist():
-            tie = zw[i] == tau[i]
-            sel[i] |= tie & (tie.cumsum(0) <= m_tie[i])
-    return sel
-
-
-def _wide_rows(zw: Tensor, lpw: Tensor, top_p: float | None, log_v: float) -> tuple[Tensor, ...]:
-    """Region and scaled local entropy for rows handled without a top-k.
-
-    ``top_p=None`` means the region is the support (all finite logits).
-    """
-    cdt = lpw.dtype
-    pw = lpw.exp()
-    w = zw.shape[0]
-    if top_p is None:
-        tau = zw.new_full((w,), -math.inf)
-        m_tie = torch.zeros(w, dtype=torch.long, device=zw.device)
-        ties = m_tie
-        n = torch.isfinite(zw).sum(1)
+    if ids is None:
+        parts = [(torch.arange(s, s + zc.shape[0], device=zc.device), zc) for s, zc in st.rows.chunks(st.chunk)]
     else:
-        tau, m_tie, ties, n, _ = _wide_threshold(zw, lpw, pw, top_p)
-    partial = m_tie < ties
-    sel = _region_mask(zw, tau, m_tie, partial).to(cdt)
-    lpc = lpw.clamp(min=_finite_min(cdt))
-    mass = torch.linalg.vecdot(pw, sel).double()
-    splp = torch.linalg.vecdot(pw, lpc.mul_(sel)).double()
-    log_m = mass.log()
-    h = log_m - splp / mass
-    big = n >= 2
-    gamma = torch.where(big, log_v / torch.log(n.clamp(min=2).double()), 0.0)
-    value = torch.where(big, gamma * h, 0.0)
-    return value.to(cdt), tau, m_tie, partial, log_m, h, gamma, n
+        parts = [(g, st.rows.take(g)) for g in ids.split(st.chunk)]
+    for g, zc in parts:
+        zf = st.scratch.as_compute(zc)
+        h, pmax, bad = _entropy_rows(zf, st.scratch)
+        n = torch.full_like(g, st.vocab)
+        if bool(bad.any()):
+            n[bad] = torch.isfinite(zf[bad]).sum(1)
+        gamma = _gamma(n, st.log_v)
+        st.value[g] = (gamma * h.double()).to(st.cdt)
+        st.peak[g] = pmax
+        st.size[g] = n
+        st.support.append(_Support(g, gamma))
+
+
+def _tre_nucleus(st: _TREState, top_p: float) -> None:
+    """Exact TRE-P (0 < P < 1), see :mod:`tre_lightning.regularizers._nucleus`."""
+    support: list[Tensor] = []
+    for s, zc in st.rows.chunks(st.chunk):
+        r = zc.shape[0]
+        zf = st.scratch.as_compute(zc)
+        p = _softmax_into(zf, st.scratch.get("p", r))
+        reg = nucleus_chunk(zf, p, top_p, st.scratch, SMALL_REGION)
+        st.peak[s : s + r] = reg.pmax
+        st.size[s : s + r] = reg.size
+        act = reg.size >= 2
+        small = act & reg.inside & (reg.size <= SMALL_REGION)
+        dense = act & ~small
+        if bool(small.any()):
+            sr, sc = reg.small_rows, reg.small_ids
+            ns = int(small.sum())
+            rr = (small.cumsum(0) - 1)[sr]
+            counts = torch.bincount(rr, minlength=ns)
+            pos = torch.arange(sr.numel(), device=sr.device) - (counts.cumsum(0) - counts)[rr]
+            kmax = int(counts.max())
+            vals = zf.new_full((ns, kmax), -math.inf)
+            vals[rr, pos] = zf[sr, sc]
+            valid = torch.zeros(ns, kmax, dtype=torch.bool, device=sr.device)
+            valid[rr, pos] = True
+            v, dv = _local_entropy(vals, valid, st.log_v)
+            st.value[s + small.nonzero().squeeze(1)] = v
+            st.sparse.append(_Sparse(s + sr, sc, dv[rr, pos]))
+        if bool(dense.any()):
+            d = dense.nonzero().squeeze(1)
+            n, mass = reg.size[d], reg.mass[d]
+            lse = reg.zmax[d].double() - reg.pmax[d].double().log()
+            log_m = mass.log()
+            h = log_m + lse - reg.pz[d].double() / mass
+            gamma = _gamma(n, st.log_v)
+            st.value[s + d] = (gamma * h).to(st.cdt)
+            tau = reg.tau[d]
+            thr = torch.where(reg.all_ties[d], torch.nextafter(tau, torch.full_like(tau, -math.inf)), tau)
+            lse_r = lse + log_m
+            tie = dense[reg.tie_rows]
+            st.dense.append(
+                _Dense(
+                    s + d,
+                    thr,
+                    thr.double() - lse_r + h,
+                    -gamma * torch.exp(thr.double() - lse_r),
+                    s + reg.tie_rows[tie],
+                    reg.tie_ids[tie],
+                )
+            )
+        if bool(reg.support.any()):
+            support.append(s + reg.support.nonzero().squeeze(1))
+    if support:
+        _tre_support(st, torch.cat(support))
+
+
+def _dense_grad(zf: Tensor, rec: _Dense, g: Tensor, dst: Tensor | None, scratch: Scratch) -> Tensor:
+    """g * d value / d z for the rows of ``rec`` (zf: their logits, compute dtype).
+
+    Writes into ``dst`` (any dtype) when it can, else into a compute-dtype
+    buffer; returns the tensor written. Fused on CPU (one pass, see
+    :mod:`~tre_lightning.regularizers._fuse`); eager it is five passes:
+    u = z - tau, masked to -80 where z <= tau (e^-80 > 0 keeps exp off its slow
+    underflow path), e = e^u with the masked entries then set to exactly 0,
+    u <- scale (u + delta), out = u e.
+    """
+    r, cdt = zf.shape[0], zf.dtype
+    scale = rec.scale * g
+    if dst is not None and _fuse.dense_grad(zf, rec.tau, rec.delta.to(cdt), scale.to(cdt), dst):
+        return dst
+    out = dst if dst is not None and dst.dtype == cdt else scratch.get("g", r)
+    u = torch.sub(zf, rec.tau[:, None], out=scratch.get("u", r))
+    F_nn.threshold_(u, 0.0, -80.0)
+    e = torch.exp(u, out=scratch.get("e", r))
+    F_nn.threshold_(e, 0.5, 0.0)  # e >= 1 on the region, e^-80 off it
+    torch.addcmul((scale * rec.delta).to(cdt)[:, None], u, scale.to(cdt)[:, None], out=u)
+    return torch.mul(u, e, out=out)
+
+
+def _support_grad(zf: Tensor, gamma_g: Tensor, dst: Tensor | None, scratch: Scratch) -> Tensor:
+    """g * d (gamma H) / d z for rows whose region is every finite logit (see _dense_grad)."""
+    r = zf.shape[0]
+    out = dst if dst is not None and dst.dtype == zf.dtype else scratch.get("g", r)
+    p = _softmax_into(zf, scratch.get("p", r))
+    if bool(torch.isneginf(zf).any()):  # keep 0 * finite on masked tokens
+        zf = torch.clamp(zf, min=_finite_min(zf.dtype), out=scratch.get("t", r))
+    torch.ops.aten._softmax_backward_data.out(zf, p, -1, zf.dtype, grad_input=out)
+    return out.mul_((-gamma_g).to(zf.dtype)[:, None])
 
 
 class _TREFn(torch.autograd.Function):
@@ -489,124 +602,74 @@ class _TREFn(torch.autograd.Function):
         chunk_size: int | None,
         with_peak: bool,
     ):
-        rows, chunk, cdt, scratch = _setup(logits, chunk_size)
-        vocab, n_rows, dev = rows.vocab, rows.n, logits.device
-        log_v = math.log(vocab) if vocab > 1 else 0.0
-        value = torch.zeros(n_rows, dtype=cdt, device=dev)
-        peak = torch.full((n_rows,), math.nan, dtype=cdt, device=dev)
-        size = torch.zeros(n_rows, dtype=torch.long, device=dev)
-        narrow: list[_Narrow] = []
-        wide: list[_Wide] = []
-
-        support_mode = top_p is not None and top_p >= 1.0
-        cap = vocab if max_region is None else min(max_region, vocab)
+        st = _TREState(logits, chunk_size)
         if top_k is not None:
-            stages = [min(top_k, vocab)]
+            _tre_topk(st, top_k, with_peak)
         elif max_region is not None:
-            stages = sorted({s for s in TOPK_STAGES if s < cap} | {cap})
+            _tre_capped(st, top_p, max_region)
+        elif top_p >= 1.0:
+            _tre_support(st, None)
         else:
-            stages = sorted({min(s, vocab) for s in TOPK_STAGES})
-
-        def add_narrow(ids: Tensor, vals: Tensor, idx: Tensor, n: Tensor) -> None:
-            kmax = max(int(n.max()), 1) if n.numel() else 1
-            vals, idx = vals[:, :kmax], idx[:, :kmax]
-            v, dv = _local_entropy(vals, n, log_v)
-            value[ids] = v
-            size[ids] = n
-            narrow.append(_Narrow(ids, idx, dv))
-
-        def process(s: int, zc: Tensor) -> None:
-            r = zc.shape[0]
-            if top_k is not None:
-                vals, idx = zc.topk(stages[0], dim=-1)  # in the input dtype: same order
-                vals = vals.to(cdt)
-                if with_peak:
-                    lp = _log_softmax_into(scratch.as_compute(zc), scratch)
-                    peak[s : s + r] = lp.gather(1, idx[:, :1]).squeeze(1).exp()
-                add_narrow(torch.arange(s, s + r, device=dev), vals, idx, torch.isfinite(vals).sum(1))
-                return
-            zf = scratch.as_compute(zc)
-            lp = _log_softmax_into(zf, scratch)
-            lp_flat = lp.view(-1)
-            local = torch.arange(r, device=dev)  # rows of this chunk still undecided
-            for si, k in enumerate(stages):
-                sub = zf if si == 0 else zf.index_select(0, local)
-                vals, idx = sub.topk(k, dim=-1)
-                del sub
-                plog = lp_flat[local[:, None] * vocab + idx]
-                if si == 0:
-                    peak[s : s + r] = plog[:, 0].exp()
-                fin = torch.isfinite(vals).sum(1)
-                exhausted = (fin < k) | (k == vocab)
-                if support_mode:
-                    n, covered = fin, exhausted
-                else:
-                    cs = plog.exp().double().cumsum(1)
-                    n = (cs < top_p).sum(1) + 1
-                    covered = (n <= k) | exhausted
-                    n = torch.minimum(n, fin)
-                if k >= cap:
-                    covered = torch.ones_like(covered)
-                    n = n.clamp(max=cap)
-                if bool(covered.all()):
-                    add_narrow(local + s, vals, idx, n)
-                    return
-                if bool(covered.any()):
-                    add_narrow(local[covered] + s, vals[covered], idx[covered], n[covered])
-                local = local[~covered]
-            # Rows whose region exceeds the last top-k: exact threshold search
-            # in groups of rows, so that its temporaries stay ~1 chunk.
-            for grp in local.split(max(1, r // 8)):
-                zw, lpw = zf.index_select(0, grp), lp.index_select(0, grp)
-                v, tau, m_tie, partial, log_m, h, gamma, n = _wide_rows(
-                    zw, lpw, None if support_mode else top_p, log_v
-                )
-                del zw, lpw
-                ids = grp + s
-                value[ids] = v
-                size[ids] = n
-                wide.append(_Wide(ids, tau, m_tie, partial, log_m, h, gamma))
-
-        for s, zc in rows.chunks(chunk):
-            process(s, zc)
-
+            _tre_nucleus(st, top_p)
         ctx.save_for_backward(logits)
-        ctx.narrow, ctx.wide = narrow, wide
-        ctx.chunk, ctx.cdt = chunk, cdt
-        ctx.mark_non_differentiable(peak, size)
-        shape = rows.lead_shape
-        return value.view(shape), peak.view(shape), size.view(shape)
+        ctx.sparse, ctx.dense, ctx.support = st.sparse, st.dense, st.support
+        ctx.chunk, ctx.cdt = st.chunk, st.cdt
+        ctx.mark_non_differentiable(st.peak, st.size)
+        shape = st.rows.lead_shape
+        return st.value.view(shape), st.peak.view(shape), st.size.view(shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_value: Tensor, _gp: Tensor | None, _gs: Tensor | None):  # type: ignore[override]
         (logits,) = ctx.saved_tensors
         rows = Rows(logits)
-        vocab, cdt = rows.vocab, ctx.cdt
+        vocab, cdt, dev = rows.vocab, ctx.cdt, logits.device
         g = grad_value.reshape(-1).to(cdt)
-        grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
-        flat = grad.view(-1)
-        for rec in ctx.narrow:
-            src = rec.dv * g[rec.ids][:, None]
-            flat[rec.ids[:, None] * vocab + rec.idx] = src.to(logits.dtype)
+        full = [rec.ids for rec in (*ctx.dense, *ctx.support)]
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=dev)
         g2 = grad.view(-1, vocab)
-        group = max(1, ctx.chunk // 8)
-        for rec in ctx.wide:
-            for lo in range(0, rec.ids.numel(), group):
-                sl = slice(lo, lo + group)
+        if full:  # zero the chunks that the dense records do not cover entirely
+            covered = torch.zeros(rows.n, dtype=torch.bool, device=dev)
+            covered[torch.cat(full)] = True
+            ok = covered.split(ctx.chunk)
+            for k, c in enumerate(ok):
+                if not bool(c.all()):
+                    g2[k * ctx.chunk : k * ctx.chunk + c.numel()].zero_()
+        else:
+            grad.zero_()
+        flat = grad.view(-1)
+        for rec in ctx.sparse:
+            flat[rec.rows * vocab + rec.cols] = (rec.dv * g[rec.rows]).to(logits.dtype)
+        scratch = Scratch(min(ctx.chunk, rows.n), vocab, cdt, dev) if full else None
+        for rec in (*ctx.dense, *ctx.support):
+            dense = isinstance(rec, _Dense)
+            for lo in range(0, rec.ids.numel(), ctx.chunk):
+                sl = slice(lo, lo + ctx.chunk)
                 ids = rec.ids[sl]
-                coef = (-g[ids].double() * rec.gamma[sl] / rec.log_m[sl].exp()).to(cdt)
-                if not bool(coef.any()):
+                gs = g[ids].double()
+                r = ids.numel()
+                first = int(ids[0])
+                contiguous = int(ids[-1]) - first + 1 == r
+                dst = g2[first : first + r] if contiguous else None
+                if not bool(gs.any()):
+                    g2[ids] = 0
                     continue
-                zw = rows.take(ids).to(cdt)
-                lp = torch.log_softmax(zw, dim=-1)  # few rows, rare: no scratch
-                p = lp.exp()
-                sel = _region_mask(zw, rec.tau[sl], rec.m_tie[sl], rec.partial[sl]).to(cdt)
-                shift = (rec.log_m[sl] - rec.h[sl]).to(cdt)
-                t = lp.clamp_(min=_finite_min(cdt)).sub_(shift[:, None])
-                t.mul_(p).mul_(sel).mul_(coef[:, None])
-                g2.index_copy_(0, ids, t.to(logits.dtype))
-                del zw, lp, p, sel, t
+                zc = rows.take(ids) if not contiguous or len(rows.blocks) > 1 else rows.blocks[0][first : first + r]
+                zf = scratch.as_compute(zc)
+                if dense:
+                    part = _Dense(ids, rec.tau[sl], rec.delta[sl], rec.scale[sl], rec.tie_rows, rec.tie_cols)
+                    out = _dense_grad(zf, part, gs, dst, scratch)
+                else:
+                    out = _support_grad(zf, rec.gamma[sl] * gs, dst, scratch)
+                if out is not dst:
+                    if dst is not None:
+                        dst.copy_(out)
+                    else:
+                        g2[ids] = out.to(logits.dtype)
+            if dense and rec.tie_rows.numel():
+                loc = torch.searchsorted(rec.ids, rec.tie_rows)
+                val = (rec.scale[loc] * rec.delta[loc] * g[rec.tie_rows].double()).to(logits.dtype)
+                g2[rec.tie_rows, rec.tie_cols] = val
         return grad, None, None, None, None, None
 
 
