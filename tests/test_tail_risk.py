@@ -201,8 +201,10 @@ def test_report_cells_deltas_and_claims(tmp_path) -> None:
                           (0.002 if h == 4 else 0.02) + j / 10, 0.95)
                 _fake_run(root, "tre_p", 0.001, h, s, 0.2, 0.6 + j, 0.0005 + j / 10, 0.97)
                 _fake_run(root, "tre_k", 0.001, h, s, 0.2, 0.6 + j, 0.0005 + j / 10, 0.97)
+        _fake_run(root / "again", None, None, 4, 0, 0.2, 0.9, 0.001, 0.99)  # the same cell run twice: counted once
         runs = tr.find_tail_runs([root])
         assert len(runs) == n_seeds * 8
+        assert [r.pass_after for r in runs if (r.label, r.horizon, r.seed) == ("none", 4, 0)] == [0.5]
         cs = tr.cells(runs)
         d = tr.delta(cs, "ent α=0.001", 32)
         assert d is not None and d[0] == pytest.approx(-0.2) and d[2] == n_seeds

@@ -155,8 +155,10 @@ def load_tail_run(folder: str | Path) -> TailRun | None:
 
 
 def find_tail_runs(paths: Iterable[str | Path]) -> list[TailRun]:
-    """Every tail-risk run at or below ``paths``."""
-    runs, seen = [], set()
+    """Every finished tail-risk run at or below ``paths`` (validated after training), one per
+    (label, horizon, seed): a cell run twice (two sweep invocations overlapping) counts once,
+    the first folder in path order."""
+    runs, seen, cells_seen = [], set(), set()
     for p in paths:
         for metrics in sorted(Path(p).glob("**/csv/metrics.csv")):
             folder = metrics.parent.parent.resolve()
@@ -164,7 +166,11 @@ def find_tail_runs(paths: Iterable[str | Path]) -> list[TailRun]:
                 continue
             seen.add(folder)
             run = load_tail_run(folder)
-            if run is not None:
+            if run is None or run.pass_after is None:
+                continue
+            key = (run.label, run.horizon, run.seed)
+            if key not in cells_seen:
+                cells_seen.add(key)
                 runs.append(run)
     return runs
 
@@ -329,7 +335,7 @@ def _plots(cs: Mapping[tuple[str, int], Cell], folder: Path, smoothing: float) -
         pts = [(h, delta(cs, label, h)) for h in horizons]
         pts = [(h, d) for h, d in pts if d is not None]
         if pts:
-            ax.errorbar([h for h, _ in pts], [100 * d[0] for _, d in pts], yerr=[100 * d[1] for _, d in pts],
+            ax.errorbar([h for h, _ in pts], [100 * d[0] for _, d in pts], yerr=[0.0 if math.isnan(d[1]) else 100 * d[1] for _, d in pts],
                         marker="o", capsize=3, label=label)
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set(xscale="log", xlabel="horizon L (answer tokens)", ylabel="Δ Pass@1 vs vanilla (points)",
