@@ -208,6 +208,8 @@ def test_report_cells_deltas_and_claims(tmp_path) -> None:
         cs = tr.cells(runs)
         d = tr.delta(cs, "ent α=0.001", 32)
         assert d is not None and d[0] == pytest.approx(-0.2) and d[2] == n_seeds
+        pd = tr.paired(cs, "ent α=0.001", 32)  # per-seed differences: all exactly -0.2 (+ 0 seed noise)
+        assert pd is not None and pd[0] == pytest.approx(-0.2) and pd[1] == pytest.approx(0.0, abs=1e-12)
         verdicts = tr.claims(cs, "ent α=0.001", "tre_p α=0.001", "tre_k α=0.001")
         word = "**reproduced**" if n_seeds == 5 else "**not reproduced**"
         assert word in verdicts[0] and word in verdicts[1] and word in verdicts[3]

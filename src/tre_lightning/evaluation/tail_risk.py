@@ -15,7 +15,9 @@ paper's style:
   exceeds two standard errors over at least 5 seeds).
 
 Standard errors of a difference of two cells are unpaired:
-``sqrt(se_a² + se_b²)`` (conservative; seeds are not assumed to pair).
+``sqrt(se_a² + se_b²)`` (conservative; seeds are not assumed to pair); the claims use
+them. The table adds, as a supplementary view, the paired per-seed difference
+(:func:`paired`): runs of one seed share the warm start and the random numbers.
 """
 
 from __future__ import annotations
@@ -220,32 +222,55 @@ def delta(cs: Mapping[tuple[str, int], Cell], label: str, horizon: int,
     return diff(cs.get((label, horizon)), cs.get((base, horizon)), value)
 
 
-def _pm(m: float, se: float, pct: bool = True, signed: bool = False) -> str:
+def paired(cs: Mapping[tuple[str, int], Cell], label: str, horizon: int, value: str = "pass_after",
+           base: str = "none") -> tuple[float, float, int] | None:
+    """Mean and SE over the seeds both cells ran of the per-seed difference (label − base): the
+    supplementary, paired view (runs of one seed share the warm start and the random numbers)."""
+    a, b = cs.get((label, horizon)), cs.get((base, horizon))
+    if a is None or b is None:
+        return None
+    by_seed = {r.seed: r for r in b.runs}
+    xs = []
+    for r in a.runs:
+        other = by_seed.get(r.seed)
+        if other is None:
+            continue
+        x, y = (getattr(r, value), getattr(other, value)) if value.startswith("pass_") else (
+            r.final(value), other.final(value))
+        if x is not None and y is not None:
+            xs.append(x - y)
+    return mean_se(xs) if xs else None
+
+
+def _pm(m: float, se: float, pct: bool = True, signed: bool = False, digits: int = 1) -> str:
     if math.isnan(m):
         return "–"
     k = 100.0 if pct else 1.0
     sign = "+" if signed else ""
-    body = f"{m * k:{sign}.1f}" if pct else f"{m:{sign}.3g}"
+    body = f"{m * k:{sign}.{digits}f}" if pct else f"{m:{sign}.4g}"
     if math.isnan(se):
         return body
-    return f"{body} ± {se * k:.1f}" if pct else f"{body} ± {se:.2g}"
+    return f"{body} ± {se * k:.{digits}f}" if pct else f"{body} ± {se:.2g}"
 
 
 def format_table(cs: Mapping[tuple[str, int], Cell]) -> str:
     """Markdown: one row per cell, mean ± SE over seeds (percent points where marked %)."""
-    head = ("| regularizer | L | n | Pass@1 before % | Pass@1 after % | Δ vs vanilla % | P̄max | invalid mass / step % "
-            "| P(invalid in seq) % | sampled seqs with invalid % | TRE-P region size | response length |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| regularizer | L | n | Pass@1 before % | Pass@1 after % | Δ vs vanilla % | paired Δ % (n) | P̄max "
+            "| invalid mass / step % | P(invalid in seq) % | sampled seqs with invalid % | TRE-P region size "
+            "| response length |")
+    lines = [head, "|" + "---|" * 13]
     for (label, horizon), cell in cs.items():
         d = delta(cs, label, horizon)
+        pd = paired(cs, label, horizon)
         lines.append("| " + " | ".join([
             label, str(horizon), str(len(cell.runs)),
             _pm(*cell.stat("pass_before")[:2]), _pm(*cell.stat("pass_after")[:2]),
             "–" if d is None or label == "none" else _pm(d[0], d[1], signed=True),
+            "–" if pd is None or label == "none" else f"{_pm(pd[0], pd[1], signed=True, digits=2)} ({pd[2]})",
             _pm(*cell.stat("policy/p_max")[:2], pct=False),
-            _pm(*cell.stat("policy/invalid_mass")[:2]),
-            _pm(*cell.stat("policy/invalid_seq_mass")[:2]),
-            _pm(*cell.stat("train/invalid_seq_rate")[:2]),
+            _pm(*cell.stat("policy/invalid_mass")[:2], digits=3),
+            _pm(*cell.stat("policy/invalid_seq_mass")[:2], digits=2),
+            _pm(*cell.stat("train/invalid_seq_rate")[:2], digits=2),
             _pm(*cell.stat("policy/tr_size")[:2], pct=False),
             _pm(*cell.stat("train/response_length")[:2], pct=False),
         ]) + " |")
@@ -283,7 +308,7 @@ def claims(cs: Mapping[tuple[str, int], Cell], ent: str, tre: str, tre_k: str | 
         ok &= _beyond(*d, 1)
         parts.append(f"Ent − {base} at L={long_} = {_gap(*d)}")
     out.append(f"1. Tail mass under {ent} grows with the horizon and exceeds vanilla's and TRE's: "
-               f"**{'reproduced' if ok else 'not reproduced'}** ({'; '.join(parts)}).")
+               f"**{'reproduced' if ok else 'not reproduced'}** ({'; '.join(parts) or 'cells missing'}).")
     # (2) Ent's Δ Pass@1: >= 0 at the shortest horizon, negative at the longest
     d_s, d_l = delta(cs, ent, short), delta(cs, ent, long_)
     if d_s is None or d_l is None:
