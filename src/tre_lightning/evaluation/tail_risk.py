@@ -358,7 +358,7 @@ def _plots(cs: Mapping[tuple[str, int], Cell], folder: Path, smoothing: float) -
         if label == "none":
             continue
         pts = [(h, delta(cs, label, h)) for h in horizons]
-        pts = [(h, d) for h, d in pts if d is not None]
+        pts = [(h, d) for h, d in pts if d is not None and d[2] >= 2]  # a one-seed cell has no error bar
         if pts:
             ax.errorbar([h for h, _ in pts], [100 * d[0] for _, d in pts], yerr=[0.0 if math.isnan(d[1]) else 100 * d[1] for _, d in pts],
                         marker="o", capsize=3, label=label)
@@ -366,6 +366,7 @@ def _plots(cs: Mapping[tuple[str, int], Cell], folder: Path, smoothing: float) -
     ax.set(xscale="log", xlabel="horizon L (answer tokens)", ylabel="Δ Pass@1 vs vanilla (points)",
            title="Δ Pass@1 vs vanilla PPO (mean ± SE over seeds)")
     ax.set_xticks(horizons, [str(h) for h in horizons])
+    ax.minorticks_off()
     ax.legend(fontsize=7)
     fig.tight_layout()
     files["delta"] = folder / "delta_pass1.png"
@@ -406,6 +407,7 @@ def _plots(cs: Mapping[tuple[str, int], Cell], folder: Path, smoothing: float) -
     ax.set(xscale="log", xlabel="horizon L (answer tokens)", ylabel="mass on invalid tokens per step (%)",
            title="Tail mass at the end of training (mean ± SE)")
     ax.set_xticks(horizons, [str(h) for h in horizons])
+    ax.minorticks_off()
     ax.legend(fontsize=7)
     fig.tight_layout()
     files["tail"] = folder / "tail_mass.png"
