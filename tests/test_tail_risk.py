@@ -80,7 +80,8 @@ def test_invalid_token_ids_are_all_but_the_digits() -> None:
 
 def test_quickstart_cache_key_is_unchanged_by_the_refactor() -> None:
     """The key of the quickstart's default warm start before the repeat family existed (a0618407…,
-    the cache folder the code before the refactor created): the quickstart must keep reusing its cache."""
+    the cache folder the code before the refactor created): the quickstart must keep reusing its cache.
+    Checked to fail when the sorting task's key payload gains a "family" entry."""
     assert cache_key(WarmStartConfig(), EmbeddedTask()) == "a0618407033724c5"
 
 
@@ -116,7 +117,8 @@ def test_repeat_rows_refuse_the_sorting_noise() -> None:
 
 def test_invalid_mass_matches_a_slow_reference() -> None:
     """Against a loop over tokens and positions, padded positions skipped (the rows have 5, 3 and 1
-    valid tokens, so a product or a mean over padded positions would differ)."""
+    valid tokens, so a product or a mean over padded positions would differ). Checked to fail when
+    the per-sequence product ignores the mask."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 7, generator=g) * 2
     invalid = torch.tensor([False, True, False, True, True, False, False])
