@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="EMA factor for the P̄max and reward curves, in [0, 1) (paper: 0.8)")
     parser.add_argument("--title", default=None, help="figure title")
     parser.add_argument("--no-reward", action="store_true", help="only the P̄max and Pass@1 panels")
+    parser.add_argument("--tail-risk", action="store_true",
+                        help="the tail-risk sweep's figures, table and claims instead (docs/tail_risk.md); "
+                             "written into --out's folder (default: the first path)")
     return parser
 
 
@@ -85,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("tre-plot: no paths given and no ./multirun/<date>/<time> folder found", file=sys.stderr)
             return 1
         paths = [latest]
+    if args.tail_risk:
+        from tre_lightning.evaluation.tail_risk import tail_risk_main
+
+        return tail_risk_main(paths, args.out.parent if args.out is not None else paths[0], args.smoothing)
     runs = find_runs(paths)
     if not runs:
         print(f"tre-plot: no tre-train runs found under {', '.join(map(str, paths))}", file=sys.stderr)

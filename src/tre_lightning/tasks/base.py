@@ -20,6 +20,14 @@ class Task(Protocol):
         name: short identifier used in metric names and folders.
         binary_reward: True when rewards are correctness in {0, 1} (validation
             reports Pass@1 / pass@k); False for scalar rewards (HH: mean reward).
+
+    Optional (not part of the protocol check):
+        ``invalid_token_ids(tokenizer) -> Sequence[int] | None``: the ids of the
+            tokens that can never occur in a correct answer (e.g. the tail-risk
+            task: every token but the digits). When a task declares them, the PPO
+            loop logs the probability mass on them per step
+            (``policy/invalid_mass``) and per sequence (``policy/invalid_seq_mass``,
+            ``train/invalid_seq_rate``); see ``docs/tail_risk.md``.
     """
 
     name: str

@@ -124,6 +124,20 @@ class PPOLearner:
         self.ppo = ppo
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
+        self._invalid: Tensor | None = None
+        self._invalid_known = False
+
+    def invalid_tokens(self, device: torch.device) -> Tensor | None:
+        """(V,) bool mask of the task's ``invalid_token_ids`` (None when the task declares none)."""
+        if not self._invalid_known:
+            declare = getattr(self.guard.task, "invalid_token_ids", None)
+            ids = declare(self.model.tokenizer) if callable(declare) else None
+            if ids is not None:
+                mask = torch.zeros(len(self.model.tokenizer), dtype=torch.bool)
+                mask[torch.as_tensor(list(ids), dtype=torch.long)] = True
+                self._invalid = mask
+            self._invalid_known = True
+        return None if self._invalid is None else self._invalid.to(device)
 
     # ------------------------------------------------------------------ one iteration
 
@@ -248,7 +262,7 @@ class PPOLearner:
         for micro in mini_batch.micro_batches(cfg.micro_batch_size):
             weight = float(micro.response_mask.sum())
             p_loss, hidden = policy_loss(self.model, micro, self.regularizers, cfg, self.rollout.temperature,
-                                         normalizer, stats, weight)
+                                         normalizer, stats, weight, self.invalid_tokens(runtime.device))
             v_loss = self.value_loss(micro, hidden, normalizer, stats, weight)
             if self.model.share_backbone:
                 runtime.backward(p_loss + cfg.vf_coef * v_loss)
@@ -325,6 +339,10 @@ class PPOLearner:
         stats.add("train/advantages_mean", masked_mean(exp.advantages, mask))
         if kl is not None:
             stats.add("train/ref_kl", masked_mean(kl, mask))
+        invalid = self.invalid_tokens(rollout.response_ids.device)
+        if invalid is not None:  # sampled: share of responses with at least one invalid token
+            hit = invalid[rollout.response_ids.clamp(0, invalid.numel() - 1)] & rollout.response_mask.bool()
+            stats.add("train/invalid_seq_rate", hit.any(dim=1).float().mean())
 
     def state_dict(self) -> dict[str, int]:
         return {"nonfinite_total": self.nonfinite_total, "nonfinite_in_a_row": self.nonfinite_in_a_row}

@@ -21,7 +21,7 @@ from tre_lightning.rollout.experience import Experience
 from tre_lightning.training.config import PPOConfig
 from tre_lightning.training.stats import RunningMeans
 
-__all__ = ["compose_policy_loss", "policy_loss"]
+__all__ = ["compose_policy_loss", "invalid_mass", "policy_loss"]
 
 
 def compose_policy_loss(
@@ -94,10 +94,12 @@ def policy_loss(
     normalizer: Tensor,
     stats: RunningMeans,
     weight: float,
+    invalid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The micro-batch's share of the mini-batch policy loss, and the hidden states a shared
     value head reads (None with a separate critic). Diagnostics go to ``stats`` with ``weight``
-    (the micro-batch's valid tokens).
+    (the micro-batch's valid tokens); with ``invalid`` (a (V,) bool mask of the task's
+    invalid tokens) also the invalid mass per step and per sequence (:func:`invalid_mass`).
 
     The logits are divided by the rollout ``temperature``, as the behaviour
     log-probs were: the ratio compares the same distribution that sampled.
@@ -138,4 +140,33 @@ def policy_loss(
         for _, out in outputs:
             for name, value in out.metrics.items():
                 stats.add(name if "/" in name else f"policy/{name}", value, weight)
+        if invalid is not None:
+            step_mass, seq_mass = invalid_mass(logits.detach(), invalid, mask)
+            stats.add("policy/invalid_mass", step_mass, weight)
+            stats.add("policy/invalid_seq_mass", seq_mass, float(micro.response_mask.shape[0]))
     return loss, hidden
+
+
+def invalid_mass(logits: Tensor, invalid: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Probability mass on invalid tokens: per step and per sequence.
+
+    Args:
+        logits: (B, T, V) (already divided by the temperature).
+        invalid: (V,) bool, True on the task's invalid tokens.
+        mask: (B, T) 1 on valid response tokens.
+
+    Returns:
+        (token mean of ε_t = Σ_{a invalid} π(a|s_t), sequence mean of
+        1 − Π_t (1 − ε_t)): the mean per-step leak, and the probability that a
+        sequence sampled along these states emits at least one invalid token.
+    """
+    if invalid.shape != logits.shape[-1:]:
+        raise ValueError(f"invalid_mass: the invalid-token mask has {tuple(invalid.shape)} entries, the logits "
+                         f"{logits.shape[-1]} (the task's tokenizer and the model's vocabulary must match)")
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    eps = torch.logsumexp(log_p.masked_fill(~invalid.to(log_p.device), float("-inf")), dim=-1).exp()
+    eps = eps.clamp(0.0, 1.0)
+    step = masked_mean(eps, mask)
+    log_keep = (torch.log1p(-eps.clamp(max=1.0 - 1e-7)) * mask).sum(dim=-1)
+    seq = (-torch.expm1(log_keep)).mean()
+    return step, seq

@@ -5,12 +5,15 @@ with no download.
 - :mod:`.puzzles`: digit-sorting puzzles, seeded generator, rule checker, noisy solver.
 - :mod:`.task`: :class:`EmbeddedTask` (the Task protocol).
 - :mod:`.tokenizer`: character tokenizer padded with thousands of filler tokens.
-- :mod:`.warmstart`: supervised warm start on noisy solutions, cached;
-  :class:`WarmStartSource` (the ModelSource protocol).
+- :mod:`.repeat`: :class:`RepeatTask`, the tail-risk family with a horizon knob
+  (docs/tail_risk.md).
+- :mod:`.warmstart`: supervised warm start on noisy solutions, cached, for both
+  families; :class:`WarmStartSource` (the ModelSource protocol).
 - :mod:`.report`: the before → after table, the metrics CSV and the PNG plot.
 """
 
 from tre_lightning.tasks.embedded.puzzles import Puzzle, check, generate, noisy_solution, split
+from tre_lightning.tasks.embedded.repeat import RepeatTask
 from tre_lightning.tasks.embedded.task import EmbeddedTask
 from tre_lightning.tasks.embedded.tokenizer import quickstart_tokenizer, useful_token_ids
 from tre_lightning.tasks.embedded.warmstart import WarmStartConfig, WarmStartSource, train_warm_start
@@ -18,6 +21,7 @@ from tre_lightning.tasks.embedded.warmstart import WarmStartConfig, WarmStartSou
 __all__ = [
     "EmbeddedTask",
     "Puzzle",
+    "RepeatTask",
     "WarmStartConfig",
     "WarmStartSource",
     "check",

@@ -11,6 +11,11 @@ configuration, the task family and validation split, a format version); any
 later run with the same settings loads it instead of training again. A sweep
 therefore pays for the warm start once.
 
+The same mechanism serves the tail-risk family (:class:`~tre_lightning.tasks.embedded.repeat.RepeatTask`):
+a task with ``warm_start_key()`` and ``warm_start_rows(cfg, tokenizer)`` supplies
+its own key payload and supervised rows; the sorting task keeps its original
+key and data (so existing caches stay valid).
+
 Cache directory: ``cache_dir`` if given, else ``$TRE_LIGHTNING_CACHE``, else
 ``~/.cache/tre_lightning``; the model lives in ``<cache>/warmstart-<key>/``.
 """
@@ -39,6 +44,7 @@ from tre_lightning.models.tiny import tiny_qwen2_config
 from tre_lightning.tasks.embedded.puzzles import Puzzle, generate, noisy_solution
 from tre_lightning.tasks.embedded.task import EmbeddedTask
 from tre_lightning.tasks.embedded.tokenizer import quickstart_tokenizer
+from tre_lightning.tasks.embedded.repeat import RepeatTask
 
 __all__ = ["CACHE_VERSION", "WarmStartConfig", "WarmStartSource", "default_cache_dir", "train_warm_start"]
 
@@ -116,14 +122,19 @@ class WarmStartConfig:
                 raise ValueError(f"WarmStartConfig.{name} must be in [0, 1], got {value!r}")
 
 
-def cache_key(cfg: WarmStartConfig, task: EmbeddedTask) -> str:
-    """16 hex digits of a SHA-256 over the warm start's config, the task family and
-    its validation split (what the supervised data depends on) and CACHE_VERSION."""
-    tc = task.config()
+def cache_key(cfg: WarmStartConfig, task: EmbeddedTask | RepeatTask) -> str:
+    """16 hex digits of a SHA-256 over the warm start's config, what its data depends on
+    (the sorting task: its family and validation split; a task with ``warm_start_key``:
+    that dict) and CACHE_VERSION."""
+    if isinstance(task, EmbeddedTask):
+        tc = task.config()
+        task_payload = {k: tc[k] for k in ("seed", "n_val", "min_len", "max_len", "descending_fraction")}
+    else:
+        task_payload = task.warm_start_key()
     payload = {
         "version": CACHE_VERSION,
         "warmstart": asdict(cfg),
-        "task": {k: tc[k] for k in ("seed", "n_val", "min_len", "max_len", "descending_fraction")},
+        "task": task_payload,
     }
     blob = json.dumps(payload, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -162,21 +173,39 @@ def _ids(encoded: Any) -> list[int]:
     return list(encoded)
 
 
+def _sorting_rows(cfg: WarmStartConfig, task: EmbeddedTask,
+                  tokenizer: PreTrainedTokenizerBase) -> Iterator[tuple[str, list[int]]]:
+    """(prompt content, target ids) of the sorting family: noisy solutions + end of sequence."""
+    eos = tokenizer.eos_token_id
+    char_ids = {c: tokenizer.convert_tokens_to_ids(c) for c in "0123456789"}
+    rng = random.Random(f"tre-lightning/quickstart/warmstart-noise/{cfg.seed}")
+    for p in puzzles_for_warm_start(cfg, task):
+        answer = noisy_solution(p, rng, cfg.merge_prob, cfg.token_noise)
+        yield p.prompt, [char_ids[c] for c in answer] + [eos]
+
+
+def _rows(cfg: WarmStartConfig, task: EmbeddedTask | RepeatTask,
+          tokenizer: PreTrainedTokenizerBase) -> Iterator[tuple[str, list[int]]]:
+    if isinstance(task, EmbeddedTask):
+        return _sorting_rows(cfg, task, tokenizer)
+    return task.warm_start_rows(cfg, tokenizer)
+
+
 def _batches(
-    cfg: WarmStartConfig, task: EmbeddedTask, tokenizer: PreTrainedTokenizerBase
+    cfg: WarmStartConfig, task: EmbeddedTask | RepeatTask, tokenizer: PreTrainedTokenizerBase
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(input_ids, attention_mask, labels) batches, left-padded, labels on the response only."""
     encode = _PromptEncoder(tokenizer)
-    eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id
-    char_ids = {c: tokenizer.convert_tokens_to_ids(c) for c in "0123456789"}
-    puzzles = puzzles_for_warm_start(cfg, task)
-    rng = random.Random(f"tre-lightning/quickstart/warmstart-noise/{cfg.seed}")
-    for start in range(0, len(puzzles), cfg.batch_size):
+    rows_iter = _rows(cfg, task, tokenizer)
+    while True:
         rows: list[tuple[list[int], list[int]]] = []
-        for p in puzzles[start : start + cfg.batch_size]:
-            answer = noisy_solution(p, rng, cfg.merge_prob, cfg.token_noise)
-            rows.append((encode(p.prompt), [char_ids[c] for c in answer] + [eos]))
+        for prompt, target in rows_iter:
+            rows.append((encode(prompt), target))
+            if len(rows) == cfg.batch_size:
+                break
+        if not rows:
+            return
         width = max(len(a) + len(b) for a, b in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -187,11 +216,13 @@ def _batches(
             mask[i, off:] = 1
             labels[i, off + len(a):] = torch.tensor(b)
         yield ids, mask, labels
+        if len(rows) < cfg.batch_size:
+            return
 
 
 def train_warm_start(
     cfg: WarmStartConfig,
-    task: EmbeddedTask,
+    task: EmbeddedTask | RepeatTask,
     log: Callable[[str], None] | None = print,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Train the warm start in memory (no cache); returns (model, tokenizer, info).
@@ -281,7 +312,7 @@ def _complete(folder: Path) -> bool:
 
 def ensure_warm_start(
     cfg: WarmStartConfig,
-    task: EmbeddedTask,
+    task: EmbeddedTask | RepeatTask,
     cache_dir: str | os.PathLike[str] | None = None,
     log: Callable[[str], None] | None = print,
 ) -> Path:
@@ -342,7 +373,7 @@ class WarmStartSource:
 
     def __init__(
         self,
-        task: EmbeddedTask | None = None,
+        task: EmbeddedTask | RepeatTask | None = None,
         cache_dir: str | None = None,
         vocab_size: int = 4096,
         hidden_size: int = 64,
@@ -364,13 +395,13 @@ class WarmStartSource:
         verbose: bool = True,
         torch_threads: int | None = 1,
     ) -> None:
-        if task is not None and not isinstance(task, EmbeddedTask):
-            raise TypeError(f"WarmStartSource.task must be an EmbeddedTask, got {type(task).__name__}")
+        if task is not None and not isinstance(task, EmbeddedTask | RepeatTask):
+            raise TypeError(f"WarmStartSource.task must be an EmbeddedTask or a RepeatTask, got {type(task).__name__}")
         if torch_threads is not None and (
             isinstance(torch_threads, bool) or not isinstance(torch_threads, int) or torch_threads < 1
         ):
             raise ValueError(f"WarmStartSource.torch_threads must be an int >= 1 or None, got {torch_threads!r}")
-        self.task: EmbeddedTask | None = task
+        self.task: EmbeddedTask | RepeatTask | None = task
         self.cache_dir = cache_dir
         self.config = WarmStartConfig(
             vocab_size=vocab_size,
@@ -402,16 +433,16 @@ class WarmStartSource:
         Raises:
             ArgumentError: the source was given another task (its warm start
                 could contain the run's validation puzzles) or a task that is
-                not an ``EmbeddedTask``.
+                not an ``EmbeddedTask`` or ``RepeatTask``.
         """
-        if not isinstance(task, EmbeddedTask):
-            raise ArgumentError("task", "an EmbeddedTask (the warm start learns its family)", task)
+        if not isinstance(task, EmbeddedTask | RepeatTask):
+            raise ArgumentError("task", "an EmbeddedTask or a RepeatTask (the warm start learns its family)", task)
         if self.task is not None and self.task is not task and self.task.config() != task.config():
             raise ArgumentError("task", f"the run's task {task!r} or null (a warm start trained on another task "
                                         "may have seen the run's validation puzzles)", self.task)
         self.task = task
 
-    def _task(self) -> EmbeddedTask:
+    def _task(self) -> EmbeddedTask | RepeatTask:
         if self.task is None:
             raise RuntimeError("WarmStartSource has no task: pass task=EmbeddedTask(...) or build it into a "
                                "PPOModule, which binds the module's task")
