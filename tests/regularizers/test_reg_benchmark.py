@@ -30,7 +30,7 @@ def test_benchmark_script_smoke(tmp_path, capsys):
              "tre_p_eager", "tre_p_cap256", "ref_tre_p_capped256", "ref_tre_p_full_sort"}
     assert names <= set(report["results"])
     for r in report["results"].values():
-        assert r["seconds"] > 0 and r["time_ratio"] > 0 and r["peak_extra_bytes"] >= 0
+        assert r["time_ratio"] > 0 and r["peak_extra_bytes"] >= 0
     assert set(report["checks"]) and "logits_profile" in report
     # the default table: every case at every vocabulary, TRE-P entries in each
     cases = {(c["case"], c["vocab"]) for c in report["table"]}
