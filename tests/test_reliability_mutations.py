@@ -159,3 +159,41 @@ def test_resume_replays_the_global_rng_that_user_code_draws_between_iterations(t
     assert len(straight.draws) == 3
     assert resumed.rewards == straight.rewards
     assert resumed.draws == straight.draws
+
+
+def _hand_p_max(actor: torch.nn.Module, exp, temperature: float) -> float:
+    """Token mean over the response of max_a softmax(z / T)_a, from a plain forward of ``actor`` (slow, obvious)."""
+    with torch.no_grad():
+        positions = (exp.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = actor(input_ids=exp.input_ids, attention_mask=exp.attention_mask, position_ids=positions).logits
+        width = exp.response_ids.shape[1]
+        probs = torch.softmax(logits[:, -width - 1 : -1].float() / temperature, dim=-1)
+        mask = exp.response_mask.float()
+        return float((probs.amax(-1) * mask).sum() / mask.sum())
+
+
+def test_p_max_is_measured_on_the_policy_being_updated() -> None:
+    """Two optimizer steps on the same mini-batch: each step's logged ``policy/p_max`` is P̄max of the weights
+    that step starts from (computed by hand), and the second differs from the first.
+
+    Checked against the mutant that measures P̄max on the rollout-time policy (in ``policy_loss.py``,
+    ``token_stats`` of logits from a forward with the weights saved before the first step): the second
+    step's value then equals the first and the test fails. The only earlier test had one mini-batch and
+    one epoch, where both policies are the same.
+    """
+    learner, rollout = _learner_and_rollout(whiten_advantages=False)
+    scores = torch.tensor([1.0, 0.0, 0.5, 2.0])
+    exp, _ = learner.experience(rollout, scores, Runtime())
+    actor = learner.model.actor
+    optimizers = (torch.optim.SGD(actor.parameters(), lr=20.0),
+                  torch.optim.SGD(learner.model.critic_parameters(), lr=0.0))
+    temperature = learner.rollout.temperature
+    logged, by_hand = [], []
+    for _ in range(2):
+        by_hand.append(_hand_p_max(actor, exp, temperature))
+        stats = RunningMeans()
+        learner.optimization_step(exp, optimizers, Runtime(), stats)
+        logged.append(float(stats.result()["policy/p_max"]))
+    assert abs(by_hand[1] - by_hand[0]) > 1e-3, by_hand  # the step moved the policy's peak probability
+    for got, want in zip(logged, by_hand, strict=True):
+        assert abs(got - want) < 1e-5, (logged, by_hand)
