@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tre_lightning.evaluation.report import _float as _f  # one home: a finite float or None
+
 __all__ = [
     "ENTROPY_TYPE",
     "Cell",
@@ -61,14 +63,6 @@ def mean_se(xs: Sequence[float]) -> tuple[float, float, int]:
         return m, math.nan, 1
     var = sum((x - m) ** 2 for x in xs) / (n - 1)
     return m, math.sqrt(var / n), n
-
-
-def _f(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
 
 
 @dataclass
