@@ -82,6 +82,15 @@ def test_setup_logging_each_line_once_and_tip_dropped() -> None:
     handler.setFormatter(logging.Formatter("[root] %(message)s"))
     saved = {name: (list(logging.getLogger(name).handlers), logging.getLogger(name).propagate)
              for name in ("lightning", "lightning.pytorch", "lightning.fabric")}
+    # the state earlier tests of the same process may have left: a global logging.disable, disabled
+    # or raised loggers (this test is about handlers and filters, not levels)
+    chain = ("lightning", "lightning.pytorch", "lightning.pytorch.utilities", "lightning.pytorch.utilities.rank_zero")
+    levels = {name: (logging.getLogger(name).level, logging.getLogger(name).disabled) for name in chain}
+    disabled_below = logging.root.manager.disable
+    logging.disable(logging.NOTSET)
+    for name in chain:
+        logging.getLogger(name).disabled = False
+    logging.getLogger("lightning.pytorch").setLevel(logging.INFO)
     root.addHandler(handler)
     for name in saved:  # Lightning's own console handlers write into the same capture
         for own in logging.getLogger(name).handlers:
@@ -100,6 +109,10 @@ def test_setup_logging_each_line_once_and_tip_dropped() -> None:
                     own.setStream(sys.stderr)
             logging.getLogger(name).handlers[:] = handlers
             logging.getLogger(name).propagate = propagate
+        for name, (level, disabled) in levels.items():
+            logging.getLogger(name).setLevel(level)
+            logging.getLogger(name).disabled = disabled
+        logging.disable(disabled_below)
     captured = stream.getvalue()
     assert captured.count("GPU available: False, used: False") == 1
     assert "litlogger" not in captured

@@ -138,6 +138,6 @@ def test_sweep_subset_then_tre_plot(tmp_path) -> None:
     assert plot.returncode == 0, plot.stderr
     assert out.read_bytes()[:8] == PNG
     table = out.with_suffix(".md").read_text()
-    lines = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| regularizer")]
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| setting")]
     assert [ln.split("|")[1].strip() for ln in lines] == ["none", "tre_p"]
     assert "±" in table and table in plot.stdout + "\n"

@@ -247,11 +247,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Parse ``argv``, evaluate, print the table; returns the metrics."""
     args = _parser().parse_args(argv)
+    # before reading the checkpoint's settings, the engine, the task and the models: exit status 2
+    check_sources(args.checkpoint, args.model)
     try:
         cfg, max_prompt_length, source = resolve_settings(args)
     except ValueError as err:
         raise SystemExit(f"tre-eval: {err}") from err
-    check_sources(args.checkpoint, args.model)  # before the engine, the task and the models: exit status 2
     print(describe_settings(cfg, max_prompt_length, source), flush=True)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     engine = None
