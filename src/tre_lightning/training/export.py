@@ -19,6 +19,14 @@ def tokenizer_files(tokenizer: Any) -> dict[str, str]:
 
 
 def export_hf(actor: nn.Module, tokenizer: Any, path: str) -> None:
-    """``actor.save_pretrained(path)`` and ``tokenizer.save_pretrained(path)``."""
+    """``actor.save_pretrained(path)`` and ``tokenizer.save_pretrained(path)``.
+
+    A LoRA (``peft``) actor is saved as an ordinary HF model: a copy with the
+    adapters merged into the weights (the actor itself keeps its adapters).
+    """
+    from tre_lightning.models.lora import is_peft_model, merged_copy
+
+    if is_peft_model(actor):
+        actor = merged_copy(actor)
     actor.save_pretrained(path)
     tokenizer.save_pretrained(path)
