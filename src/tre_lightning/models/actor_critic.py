@@ -86,6 +86,11 @@ class ActorCritic(nn.Module):
                                     "reference, or a QLoRA base under LoRA adapters: set lora"
                                     + (".critic=true" if name == "critic" and lora is not None else "")
                                     + "); a fully trained model is kept in full precision", True)
+        if (getattr(policy, "load_in_4bit", False) and critic is None and not share_backbone
+                and lora is not None and not lora.critic):
+            raise ArgumentError("lora.critic", "true when the policy is 4-bit and the critic is its copy (a 4-bit "
+                                "backbone is frozen: only adapters can train it), or give a full-precision critic "
+                                "source or share_backbone=true", False)
         boolean("share_backbone", share_backbone)
         boolean("gradient_checkpointing", gradient_checkpointing)
         if share_backbone and critic is not None:

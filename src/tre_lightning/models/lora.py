@@ -122,7 +122,17 @@ def apply_lora(model: nn.Module, settings: LoraSettings, key: str = "lora") -> n
             raise ArgumentError(f"{key}.target_modules", "names of linear layers of the model (e.g. q_proj, v_proj) "
                                 "or 'all-linear'", list(settings.target_modules)) from None
         raise
+    _keep_4bit_trainable_layout(wrapped)
     return wrapped
+
+
+def _keep_4bit_trainable_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes (0.50, CPU backend) from repacking a 4-bit layer for inference on its first
+    eval-mode forward (a rollout): the repacked layer's later training forwards take a kernel without
+    autograd, so the gradient to the layers below (and their adapters) would be cut."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def is_peft_model(model: nn.Module | None) -> bool:
@@ -157,16 +167,46 @@ class AdaptersDisabled(nn.Module):
 def merged_copy(model: nn.Module) -> nn.Module:
     """A deep copy of a peft model with its adapters merged into the weights (an ordinary HF model).
 
-    The original keeps its adapters (it goes on training). A 4-bit base is
-    refused: merging into NF4 weights re-quantizes them (a lossy result that
-    is not the trained model); export the adapters or a full-precision base.
+    The original keeps its adapters (it goes on training). A 4-bit base
+    (QLoRA) is de-quantized first: every NF4 layer becomes an ``nn.Linear`` in
+    its compute dtype holding de-quantized base + LoRA delta, which is the
+    function the adapted model computes (``peft``'s own merge would
+    re-quantize the sum to NF4: a 4-bit folder with the NF4 error on the update).
     """
     from tre_lightning.models.fsdp import has_4bit_layers
 
-    if has_4bit_layers(model):
-        raise ValueError(
-            "export_hf: the actor's base is 4-bit (QLoRA); merging LoRA into NF4 weights re-quantizes them and "
-            "would not reproduce the trained model. Save the adapters with actor.save_pretrained(folder) and merge "
-            "them into the full-precision base offline"
-        )
-    return copy.deepcopy(model).merge_and_unload()
+    if not has_4bit_layers(model):
+        return copy.deepcopy(model).merge_and_unload()
+    return _dequantized_merge(copy.deepcopy(model))
+
+
+def _dequantized_merge(model: nn.Module) -> nn.Module:
+    """Replace each 4-bit layer of a peft model (a copy) by a dense ``nn.Linear`` (+ its LoRA delta)."""
+    from tre_lightning.models.quant import require_bitsandbytes
+
+    bnb = require_bitsandbytes("merging LoRA into a 4-bit base")
+    base = model.get_base_model()
+    for parent in list(base.modules()):
+        for name, child in list(parent.named_children()):
+            layer = child.get_base_layer() if hasattr(child, "lora_A") else child
+            if not isinstance(layer, bnb.nn.Linear4bit):
+                continue
+            weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+            if layer is not child:
+                for adapter in child.active_adapters:
+                    weight = weight + child.get_delta_weight(adapter).to(weight.dtype)
+            dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                              device=weight.device, dtype=weight.dtype)
+            dense.weight.data.copy_(weight)
+            if layer.bias is not None:
+                dense.bias.data.copy_(layer.bias.data)
+            parent.register_module(name, dense)
+    # an ordinary model now: no quantization config in config.json, no quantizer on save
+    if hasattr(base.config, "quantization_config"):
+        del base.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(base, attr, None) is not None:
+            setattr(base, attr, None)
+    if getattr(base, "is_quantized", False):
+        base.is_quantized = False
+    return base
