@@ -177,7 +177,7 @@ def test_4bit_policy_needs_lora() -> None:
     with pytest.raises(ArgumentError) as err:
         ActorCritic(tiny_source(), critic=FourBit(), lora=LoraSettings())
     assert err.value.param == "critic.load_in_4bit" and "lora.critic=true" in str(err.value)
-    ActorCritic(FourBit(), lora=LoraSettings())  # QLoRA: accepted
+    ActorCritic(FourBit(), lora=LoraSettings(critic=True))  # QLoRA: accepted (the copied critic gets adapters)
 
 
 @pytest.mark.slow
