@@ -101,6 +101,25 @@ def test_qlora_export_dequantizes_and_merges(folder, tmp_path) -> None:
     assert quantized_linear_count(ac.actor) == 7 * LAYERS  # the training model is untouched
 
 
+def test_checkpoint_holds_no_4bit_weights_and_reloads_strictly(folder, tmp_path) -> None:
+    """Mutation checked: without ``keep_4bit_out_of_state_dict`` the strict load fails (the 4-bit
+    quant-state entries are unexpected keys)."""
+    ac = _qlora(folder)
+    opt = torch.optim.Adam([p for p in ac.actor.parameters() if p.requires_grad], lr=1e-2)
+    ids, mask = _batch()
+    for _ in range(2):
+        opt.zero_grad()
+        ac.policy_logits(ids, mask, 5, 1.0)[0].float().logsumexp(-1).mean().backward()
+        opt.step()
+    state = ac.state_dict()
+    assert not any("base_layer.weight" in k for k in state) and any("lora_B" in k for k in state)
+    torch.save(state, tmp_path / "state.pt")
+    fresh = _qlora(folder)
+    fresh.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.policy_logits(ids, mask, 5, 1.0)[0], ac.policy_logits(ids, mask, 5, 1.0)[0])
+
+
 def test_4bit_policy_with_a_copied_critic_needs_lora_critic(folder) -> None:
     source = PretrainedSource(folder, dtype="bfloat16", load_in_4bit=True)
     with pytest.raises(ArgumentError) as err:

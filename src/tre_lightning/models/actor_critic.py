@@ -23,7 +23,7 @@ from tre_lightning.checks import ArgumentError, boolean
 from tre_lightning.models.critic import ValueHead, ValueModel
 from tre_lightning.models.forward import policy_forward
 from tre_lightning.models.fsdp import FSDPConfig, gathered_for_generation, has_4bit_layers, is_sharded
-from tre_lightning.models.lora import AdaptersDisabled, LoraSettings, apply_lora
+from tre_lightning.models.lora import AdaptersDisabled, LoraSettings, apply_lora, keep_4bit_out_of_state_dict
 from tre_lightning.models.source import ModelSource, freeze
 
 __all__ = ["ActorCritic"]
@@ -169,6 +169,8 @@ class ActorCritic(nn.Module):
                 self._outside["ref"] = ref
             else:
                 self.ref = ref
+        if lora is not None:
+            keep_4bit_out_of_state_dict(self)  # a QLoRA base is rebuilt from its source, not checkpointed
         if self.gradient_checkpointing and device_mesh is None:  # under FSDP2: shard's non-reentrant AC
             # non-reentrant under LoRA (transformers 5's default; 4.x defaults to reentrant, which needs inputs
             # that require grad, and a LoRA model's frozen embeddings give none)

@@ -22,7 +22,8 @@ from torch import nn
 
 from tre_lightning.checks import ArgumentError, boolean, integer, one_of, real
 
-__all__ = ["AdaptersDisabled", "LoraSettings", "LoraUnavailableError", "apply_lora", "is_peft_model", "merged_copy"]
+__all__ = ["AdaptersDisabled", "LoraSettings", "LoraUnavailableError", "apply_lora", "is_peft_model", "merged_copy",
+           "keep_4bit_out_of_state_dict"]
 
 BiasName = Literal["none", "all", "lora_only"]
 _BIASES = ("none", "all", "lora_only")
@@ -133,6 +134,28 @@ def _keep_4bit_trainable_layout(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def keep_4bit_out_of_state_dict(root: nn.Module) -> None:
+    """Leave the frozen 4-bit weights of ``root`` (a QLoRA base) out of its state dict, as the 4-bit
+    reference is: they are rebuilt from their source (quantization is deterministic), checkpoints hold
+    the adapters and the non-quantized weights, and loading one does not ask for the 4-bit tensors."""
+    names = tuple(n for n, p in root.named_parameters() if type(p).__name__ == "Params4bit")
+    if not names:
+        return
+
+    def drop(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        for key in list(state):
+            local = key[len(prefix):] if key.startswith(prefix) else key
+            if any(local == n or local.startswith(n + ".") for n in names):
+                del state[key]
+
+    def allow_missing(module: nn.Module, incompatible: Any) -> None:
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                        if not any(k == n or k.endswith("." + n) for n in names)]
+
+    root._register_state_dict_hook(drop)
+    root.register_load_state_dict_post_hook(allow_missing)
 
 
 def is_peft_model(model: nn.Module | None) -> bool:
