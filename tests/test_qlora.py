@@ -44,6 +44,16 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.ones_like(ids)
 
 
+def _train(ac: ActorCritic, steps: int) -> None:
+    """A few Adam steps on the adapters (lora_B starts at zero)."""
+    opt = torch.optim.Adam([p for p in ac.actor.parameters() if p.requires_grad], lr=1e-2)
+    ids, mask = _batch()
+    for _ in range(steps):
+        opt.zero_grad()
+        ac.policy_logits(ids, mask, 5, 1.0)[0].float().logsumexp(-1).mean().backward()
+        opt.step()
+
+
 def test_qlora_build_trains_adapters_only_and_reference_is_the_4bit_base(folder) -> None:
     ac = _qlora(folder)
     assert quantized_linear_count(ac.actor) == 7 * LAYERS and quantized_linear_count(ac.critic) == 7 * LAYERS
@@ -82,12 +92,8 @@ def test_qlora_export_dequantizes_and_merges(folder, tmp_path) -> None:
     from tre_lightning.training.export import export_hf
 
     ac = _qlora(folder)
-    opt = torch.optim.Adam([p for p in ac.actor.parameters() if p.requires_grad], lr=1e-2)
     ids, mask = _batch()
-    for _ in range(3):
-        opt.zero_grad()
-        ac.policy_logits(ids, mask, 5, 1.0)[0].float().logsumexp(-1).mean().backward()
-        opt.step()
+    _train(ac, 3)
     export_hf(ac.actor, ac.tokenizer, str(tmp_path))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
     assert quantized_linear_count(merged) == 0 and getattr(merged.config, "quantization_config", None) is None
@@ -105,12 +111,8 @@ def test_checkpoint_holds_no_4bit_weights_and_reloads_strictly(folder, tmp_path)
     """Mutation checked: without ``keep_4bit_out_of_state_dict`` the strict load fails (the 4-bit
     quant-state entries are unexpected keys)."""
     ac = _qlora(folder)
-    opt = torch.optim.Adam([p for p in ac.actor.parameters() if p.requires_grad], lr=1e-2)
     ids, mask = _batch()
-    for _ in range(2):
-        opt.zero_grad()
-        ac.policy_logits(ids, mask, 5, 1.0)[0].float().logsumexp(-1).mean().backward()
-        opt.step()
+    _train(ac, 2)
     state = ac.state_dict()
     assert not any("base_layer.weight" in k for k in state) and any("lora_B" in k for k in state)
     torch.save(state, tmp_path / "state.pt")
