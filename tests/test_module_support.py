@@ -152,7 +152,7 @@ def tiny_module(
     ppo_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in PPOConfig.__dataclass_fields__}
     optim_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in OptimConfig.__dataclass_fields__}
     model_kwargs = {k: kwargs.pop(k) for k in list(kwargs)
-                    if k in ("critic", "reference", "share_backbone", "gradient_checkpointing", "fsdp")}
+                    if k in ("critic", "reference", "share_backbone", "gradient_checkpointing", "fsdp", "lora")}
     rollout_kwargs = dict(max_prompt_length=64)
     rollout_kwargs.update({k: kwargs.pop(k) for k in list(kwargs) if k in (
         "score_timeout", "score_isolation", "temperature", "top_p", "top_k", "max_prompt_length", "prompt_overflow")})

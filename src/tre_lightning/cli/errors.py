@@ -50,10 +50,11 @@ def _in_chain(err: BaseException, kinds: type | tuple[type, ...]) -> BaseExcepti
 
 def missing_extra(err: BaseException) -> BaseException | None:
     """The missing-extra error in ``err``'s cause/context chain, or None."""
+    from tre_lightning.models.lora import LoraUnavailableError
     from tre_lightning.models.quant import BitsAndBytesUnavailableError
     from tre_lightning.rollout.vllm import VLLMUnavailableError
 
-    return _in_chain(err, (VLLMUnavailableError, BitsAndBytesUnavailableError))
+    return _in_chain(err, (VLLMUnavailableError, BitsAndBytesUnavailableError, LoraUnavailableError))
 
 
 def hydra_exit_status(code: object, started: bool) -> object:

@@ -23,6 +23,7 @@ from tre_lightning.checks import ArgumentError, boolean
 from tre_lightning.models.critic import ValueHead, ValueModel
 from tre_lightning.models.forward import policy_forward
 from tre_lightning.models.fsdp import FSDPConfig, gathered_for_generation, has_4bit_layers, is_sharded
+from tre_lightning.models.lora import AdaptersDisabled, LoraSettings, apply_lora, keep_4bit_out_of_state_dict
 from tre_lightning.models.source import ModelSource, freeze
 
 __all__ = ["ActorCritic"]
@@ -49,6 +50,13 @@ class ActorCritic(nn.Module):
             per-layer activation checkpointing of ``fsdp``).
         fsdp: sharding options under Lightning's ``ModelParallelStrategy``
             (FSDP2, data parallel); None = the defaults; ignored without it.
+        lora: LoRA adapters (``peft``, the ``lora`` extra) on the actor, and on
+            the critic's backbone when ``lora.critic``; the base weights are
+            frozen. Without a ``reference`` source the reference model is the
+            actor with its adapters disabled (no second copy). With ``lora``
+            the policy (and, with ``lora.critic``, the critic) source may set
+            ``load_in_4bit`` (QLoRA: a frozen NF4 base under the adapters).
+            None = full fine-tuning.
 
     Attributes (after :meth:`build`): ``actor``, ``critic`` (None when
     ``share_backbone``), ``value_head`` (only when ``share_backbone``),
@@ -63,15 +71,26 @@ class ActorCritic(nn.Module):
         share_backbone: bool = False,
         gradient_checkpointing: bool = False,
         fsdp: FSDPConfig | None = None,
+        lora: LoraSettings | None = None,
     ) -> None:
         super().__init__()
         for name, src in (("policy", policy), ("critic", critic), ("reference", reference)):
             if src is not None and not isinstance(src, ModelSource):
                 raise ArgumentError(name, "a model source (tokenizer() and causal_lm())", src)
+        if lora is not None and not isinstance(lora, LoraSettings):
+            raise ArgumentError("lora", "a LoraSettings or null", lora)
         for name, src in (("policy", policy), ("critic", critic)):
-            if getattr(src, "load_in_4bit", False):
+            adapted = lora is not None and (name == "policy" or lora.critic)
+            if getattr(src, "load_in_4bit", False) and not adapted:
                 raise ArgumentError(f"{name}.load_in_4bit", "false: 4-bit loading is for frozen models (the "
-                                    "reference); the actor and the critic are trained in full precision", True)
+                                    "reference, or a QLoRA base under LoRA adapters: set lora"
+                                    + (".critic=true" if name == "critic" and lora is not None else "")
+                                    + "); a fully trained model is kept in full precision", True)
+        if (getattr(policy, "load_in_4bit", False) and critic is None and not share_backbone
+                and lora is not None and not lora.critic):
+            raise ArgumentError("lora.critic", "true when the policy is 4-bit and the critic is its copy (a 4-bit "
+                                "backbone is frozen: only adapters can train it), or give a full-precision critic "
+                                "source or share_backbone=true", False)
         boolean("share_backbone", share_backbone)
         boolean("gradient_checkpointing", gradient_checkpointing)
         if share_backbone and critic is not None:
@@ -85,13 +104,14 @@ class ActorCritic(nn.Module):
         self.share_backbone = share_backbone
         self.gradient_checkpointing = gradient_checkpointing
         self.fsdp = fsdp if fsdp is not None else FSDPConfig()
+        self.lora = lora
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.actor: nn.Module | None = None
         self.critic: ValueModel | None = None
         self.value_head: ValueHead | None = None
         self.ref: nn.Module | None = None
-        # a 4-bit reference lives outside the module tree (see build)
-        self._frozen_4bit: dict[str, nn.Module] = {}
+        # a 4-bit reference, or the adapters-disabled view of a LoRA actor, lives outside the module tree
+        self._outside: dict[str, nn.Module] = {}
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -125,29 +145,40 @@ class ActorCritic(nn.Module):
         """
         if self.actor is not None:
             return
-        self.actor = self.policy_source.causal_lm().train()
+        lora = self.lora
+        actor = self.policy_source.causal_lm()
+        self.actor = (apply_lora(actor, lora) if lora is not None else actor).train()
         source = self.critic_source if self.critic_source is not None else self.policy_source
         backbone = None if self.share_backbone else source.causal_lm()
+        if backbone is not None and lora is not None and lora.critic:
+            backbone = apply_lora(backbone, lora).get_base_model()  # the HF model, adapters injected in place
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if self.share_backbone:
                 self.value_head = ValueHead(int(self.actor.config.hidden_size))
             else:
                 self.critic = ValueModel.from_causal_lm(backbone).train()
-        if with_reference:
+        if with_reference and lora is not None and self.reference_source is None:
+            self._outside["ref"] = AdaptersDisabled(self.actor)  # the base model: the same weights, adapters off
+        elif with_reference:
             ref = freeze(self.reference_source.causal_lm() if self.reference_source is not None
                          else copy.deepcopy(self.actor))
             if has_4bit_layers(ref):
                 # rebuilt from its source, so not checkpointed; not moved by Lightning (loaded on this
                 # process's device); not sharded (FSDP2 cannot shard bitsandbytes' Params4bit)
-                self._frozen_4bit["ref"] = ref
+                self._outside["ref"] = ref
             else:
                 self.ref = ref
-        self.use_fp32_masters()
+        if lora is not None:
+            keep_4bit_out_of_state_dict(self)  # a QLoRA base is rebuilt from its source, not checkpointed
+        self.use_fp32_masters()  # after LoRA froze the base: only trainable weights are cast
         if self.gradient_checkpointing and device_mesh is None:  # under FSDP2: shard's non-reentrant AC
-            self.actor.gradient_checkpointing_enable()
+            # non-reentrant under LoRA (transformers 5's default; 4.x defaults to reentrant, which needs inputs
+            # that require grad, and a LoRA model's frozen embeddings give none)
+            kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}} if lora is not None else {}
+            self.actor.gradient_checkpointing_enable(**kwargs)
             if self.critic is not None:
-                self.critic.backbone.gradient_checkpointing_enable()
+                self.critic.backbone.gradient_checkpointing_enable(**kwargs)
         if device_mesh is not None:
             self.shard(device_mesh)
 
@@ -173,8 +204,8 @@ class ActorCritic(nn.Module):
 
     @property
     def reference(self) -> nn.Module | None:
-        """The frozen reference model (a 4-bit one included), or None."""
-        return self.ref if self.ref is not None else self._frozen_4bit.get("ref")
+        """The frozen reference model (a 4-bit one, or the LoRA actor with adapters disabled, included), or None."""
+        return self.ref if self.ref is not None else self._outside.get("ref")
 
     def shard(self, mesh: Any) -> None:
         """FSDP2 data-parallel sharding over ``mesh``'s ``data_parallel`` dimension.
@@ -254,4 +285,4 @@ class ActorCritic(nn.Module):
     def extra_repr(self) -> str:
         return (f"policy={self.policy_source!r}, critic={self.critic_source!r}, reference={self.reference_source!r}, "
                 f"share_backbone={self.share_backbone}, gradient_checkpointing={self.gradient_checkpointing}, "
-                f"fsdp={self.fsdp!r}")
+                f"fsdp={self.fsdp!r}, lora={self.lora!r}")

@@ -30,7 +30,8 @@ __all__ = ["decode"]
 
 def _forward_kwargs(model: nn.Module) -> tuple[str, bool]:
     """(name of the KV-cache argument of ``model.forward``, whether it takes ``logits_to_keep``)."""
-    params = inspect.signature(model.forward).parameters
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    params = inspect.signature(base.forward).parameters  # a peft model's forward passes these on (**kwargs)
     if "cache" in params:  # transformers >= 5
         name = "cache"
     elif "past_key_values" in params:

@@ -89,11 +89,24 @@ def round_trip_probe(tokenizer: Any) -> str:
 
 def export_hf(actor: nn.Module, tokenizer: Any, path: str) -> None:
     """``actor.save_pretrained(path)`` and the tokenizer (:func:`auto_loadable_tokenizer`), then check
-    that ``AutoTokenizer.from_pretrained(path)`` encodes a probe text like ``tokenizer`` (warns if not)."""
-    from transformers import AutoTokenizer
+    that ``AutoTokenizer.from_pretrained(path)`` encodes a probe text like ``tokenizer`` (warns if not).
 
+    A LoRA (``peft``) actor is saved as an ordinary HF model: a copy with the
+    adapters merged into the weights (the actor itself keeps its adapters).
+    """
+    from tre_lightning.models.lora import is_peft_model, merged_copy
+
+    if is_peft_model(actor):
+        actor = merged_copy(actor)
     actor.save_pretrained(path)
     auto_loadable_tokenizer(tokenizer).save_pretrained(path)
+    check_tokenizer_round_trip(tokenizer, path)
+
+
+def check_tokenizer_round_trip(tokenizer: Any, path: str) -> None:
+    """Warn when ``AutoTokenizer.from_pretrained(path)`` does not encode a probe text like ``tokenizer``."""
+    from transformers import AutoTokenizer
+
     probe = round_trip_probe(tokenizer)
     try:
         loaded = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -105,5 +118,29 @@ def export_hf(actor: nn.Module, tokenizer: Any, path: str) -> None:
             f"export_hf: AutoTokenizer.from_pretrained({path!r}) ({type(loaded).__name__}) does not encode "
             "text like the training tokenizer; load the folder with "
             "tre_lightning.models.source.load_tokenizer instead",
-            stacklevel=2,
+            stacklevel=3,
         )
+
+
+def export_sharded_hf(actor: nn.Module, tokenizer: Any, path: str) -> None:
+    """Export a sharded (FSDP2) actor as an ordinary HF folder: a collective, rank 0 writes.
+
+    A LoRA (``peft``) actor's full weights are gathered one tensor at a
+    time with the adapters merged (``W + scaling * B @ A``) under the HF
+    model's own names (:func:`tre_lightning.rollout.vllm.gather_weights_for_vllm`,
+    what the vLLM weight push uses); other actors go through
+    :func:`tre_lightning.models.fsdp.save_hf_pretrained` unchanged.
+    """
+    from tre_lightning.models.fsdp import has_4bit_layers, save_hf_pretrained
+    from tre_lightning.models.lora import is_peft_model
+
+    if not is_peft_model(actor):
+        save_hf_pretrained(actor, path, tokenizer=auto_loadable_tokenizer(tokenizer))
+        return
+    if has_4bit_layers(actor):
+        raise ValueError("export_hf: a sharded actor with a 4-bit base is not supported (4-bit layers are not "
+                         "sharded, see docs/scaling.md); export from a single process")
+    from tre_lightning.rollout.vllm import gather_weights_for_vllm
+
+    state = {name: tensor.detach().cpu() for name, tensor in gather_weights_for_vllm(actor)}
+    save_hf_pretrained(actor.get_base_model(), path, state_dict=state, tokenizer=auto_loadable_tokenizer(tokenizer))

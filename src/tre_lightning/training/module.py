@@ -27,7 +27,7 @@ from tre_lightning.checks import ArgumentError, ConfigError, integer
 from tre_lightning.evaluation.config import EvalConfig
 from tre_lightning.evaluation.protocol import build_eval_metrics, metric_name, score_batch, update_eval_metrics
 from tre_lightning.models.actor_critic import ActorCritic
-from tre_lightning.models.fsdp import is_sharded, save_hf_pretrained
+from tre_lightning.models.fsdp import is_sharded
 from tre_lightning.ppo import AllReduce, process_group_all_reduce
 from tre_lightning.regularizers.base import Regularizer
 from tre_lightning.rollout.base import RolloutEngine
@@ -35,7 +35,7 @@ from tre_lightning.rollout.hf import HFGenerateEngine
 from tre_lightning.tasks.base import Task
 from tre_lightning.tasks.guard import RewardGuard
 from tre_lightning.training.config import OptimConfig, PPOConfig, RolloutConfig
-from tre_lightning.training.export import export_hf, tokenizer_files
+from tre_lightning.training.export import export_hf, export_sharded_hf, tokenizer_files
 from tre_lightning.training.loop import PPOLearner, Runtime
 from tre_lightning.training.optim import build_optimizer, build_scheduler
 from tre_lightning.training.resume import ResumeState, rng_state, set_rng_state
@@ -252,7 +252,7 @@ class PPOModule(LightningModule):
         actor = self.model.actor
         assert actor is not None, "configure_model() must run first"
         if is_sharded(actor):
-            save_hf_pretrained(actor, path, tokenizer=self.tokenizer)
+            export_sharded_hf(actor, self.tokenizer, path)
         elif self._trainer is None or self.trainer.is_global_zero:
             export_hf(actor, self.tokenizer, path)
 
