@@ -38,8 +38,13 @@ def shared_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("warmstart-cache")
 
 
+#: notebooks that train for longer than a few seconds run with ``-m slow`` (the default suite stays short)
+_SLOW_NOTEBOOKS = {"02_quickstart.ipynb", "03_custom_regularizer.ipynb"}
+
+
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.name in _SLOW_NOTEBOOKS else p
+                                  for p in NOTEBOOKS], ids=lambda p: p.name)
 def test_notebook_runs(path: Path, tmp_path: Path, shared_cache: Path, monkeypatch) -> None:
     monkeypatch.setenv("TRE_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("TRE_LIGHTNING_CACHE", str(shared_cache))

@@ -122,6 +122,7 @@ def _script(name: str) -> str:
     return found
 
 
+@pytest.mark.slow
 def test_sweep_subset_then_tre_plot(tmp_path) -> None:
     sweep = tmp_path / "sweep"
     env = {**os.environ, "TRE_LIGHTNING_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
