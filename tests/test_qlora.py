@@ -130,6 +130,17 @@ def test_4bit_policy_with_a_copied_critic_needs_lora_critic(folder) -> None:
     ActorCritic(source, lora=LoraSettings(), share_backbone=True)  # the value head on the 4-bit actor
 
 
+def test_a_4bit_policy_under_fsdp2_is_refused_at_construction(folder) -> None:
+    """One keyed line before any model is built (sharding it would fail later with ``quant_state is required``)."""
+    from tre_lightning.checks import ArgumentError
+    from tre_lightning.models.fsdp import FSDPConfig
+
+    source = PretrainedSource(folder, dtype="bfloat16", load_in_4bit=True)
+    with pytest.raises(ArgumentError, match=r"^fsdp must be null for a 4-bit \(QLoRA\) policy"):
+        ActorCritic(source, lora=LoraSettings(critic=True), fsdp=FSDPConfig())
+    ActorCritic(source, lora=LoraSettings(critic=True))  # the same on one device is fine
+
+
 def test_qlora_config_builds(tmp_path) -> None:
     from hydra import compose, initialize_config_module
 

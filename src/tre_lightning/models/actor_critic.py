@@ -98,6 +98,11 @@ class ActorCritic(nn.Module):
                                 critic)
         if fsdp is not None and not isinstance(fsdp, FSDPConfig):
             raise ArgumentError("fsdp", "an FSDPConfig or null", fsdp)
+        if fsdp is not None and any(getattr(src, "load_in_4bit", False) for src in (policy, critic)):
+            raise ArgumentError("fsdp", "null for a 4-bit (QLoRA) policy or critic: FSDP2 cannot shard bitsandbytes "
+                                "4-bit layers (fully_shard drops their quant_state; docs/scaling.md, LoRA and "
+                                "QLoRA under FSDP2); train QLoRA on one device, or LoRA on a full-precision base",
+                                "FSDPConfig(...)")
         self.policy_source = policy
         self.critic_source = critic
         self.reference_source = reference
