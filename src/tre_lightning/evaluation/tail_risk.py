@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tre_lightning.evaluation.report import _float as _f  # one home: a finite float or None
+from tre_lightning.evaluation.report import ema
 
 __all__ = [
     "ENTROPY_TYPE",
@@ -329,14 +330,6 @@ def claims(cs: Mapping[tuple[str, int], Cell], ent: str, tre: str, tre_k: str | 
     return out
 
 
-def _ema(values: Sequence[float], smoothing: float) -> list[float]:
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None else smoothing * acc + (1 - smoothing) * v
-        out.append(acc)
-    return out
-
-
 def _plots(cs: Mapping[tuple[str, int], Cell], folder: Path, smoothing: float) -> dict[str, Path]:
     import matplotlib
 
@@ -377,7 +370,7 @@ def _plots(cs: Mapping[tuple[str, int], Cell], folder: Path, smoothing: float) -
             steps = sorted(set.intersection(*(set(s) for s, _ in curves))) if curves else []
             if not steps:
                 continue
-            smooth = [dict(zip(s, _ema(v, smoothing), strict=True)) for s, v in curves]
+            smooth = [dict(zip(s, ema(v, smoothing), strict=True)) for s, v in curves]
             stats = [mean_se([c[s] for c in smooth]) for s in steps]
             m = [x[0] for x in stats]
             se = [0.0 if math.isnan(x[1]) else x[1] for x in stats]
