@@ -330,6 +330,29 @@ def claims(cs: Mapping[tuple[str, int], Cell], ent: str, tre: str, tre_k: str | 
     return out
 
 
+def _errorbar(ax: Any, pts: Sequence[tuple[int, tuple[float, float, int]]], label: str) -> None:
+    """Mean ± SE (in %) against the horizon; a nan SE (one seed) draws no bar."""
+    ax.errorbar([h for h, _ in pts], [100 * d[0] for _, d in pts],
+                yerr=[0.0 if math.isnan(d[1]) else 100 * d[1] for _, d in pts], marker="o", capsize=3, label=label)
+
+
+def _finish_horizon_plot(fig: Any, ax: Any, horizons: Sequence[int], path: Path) -> Path:
+    """Log-scaled horizon ticks, legend, write ``path`` and close the figure."""
+    ax.set_xticks(horizons, [str(h) for h in horizons])
+    ax.minorticks_off()
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _plots(cs: Mapping[tuple[str, int], Cell], folder: Path, smoothing: float) -> dict[str, Path]:
     import matplotlib
 
@@ -347,18 +370,11 @@ def _plots(cs: Mapping[tuple[str, int], Cell], folder: Path, smoothing: float) -
         pts = [(h, delta(cs, label, h)) for h in horizons]
         pts = [(h, d) for h, d in pts if d is not None and d[2] >= 2]  # a one-seed cell has no error bar
         if pts:
-            ax.errorbar([h for h, _ in pts], [100 * d[0] for _, d in pts], yerr=[0.0 if math.isnan(d[1]) else 100 * d[1] for _, d in pts],
-                        marker="o", capsize=3, label=label)
+            _errorbar(ax, pts, label)
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set(xscale="log", xlabel="horizon L (answer tokens)", ylabel="Δ Pass@1 vs vanilla (points)",
            title="Δ Pass@1 vs vanilla PPO (mean ± SE over seeds)")
-    ax.set_xticks(horizons, [str(h) for h in horizons])
-    ax.minorticks_off()
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    files["delta"] = folder / "delta_pass1.png"
-    fig.savefig(files["delta"], dpi=120)
-    plt.close(fig)
+    files["delta"] = _finish_horizon_plot(fig, ax, horizons, folder / "delta_pass1.png")
     # Figure 3: P̄max curves per horizon
     fig, axes = plt.subplots(1, len(horizons), figsize=(4.2 * len(horizons), 3.4), squeeze=False)
     for ax, h in zip(axes[0], horizons, strict=True):
@@ -379,27 +395,16 @@ def _plots(cs: Mapping[tuple[str, int], Cell], folder: Path, smoothing: float) -
                             [a + b for a, b in zip(m, se, strict=True)], alpha=0.2)
         ax.set(xlabel="PPO iteration", ylabel="P̄max", title=f"P̄max, L = {h} (EMA {smoothing})")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    files["pmax"] = folder / "pmax.png"
-    fig.savefig(files["pmax"], dpi=120)
-    plt.close(fig)
+    files["pmax"] = _save(fig, folder / "pmax.png")
     # tail mass vs horizon
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for label in labels:
         pts = [(h, cs[(label, h)].stat("policy/invalid_mass")) for h in horizons if (label, h) in cs]
         if pts:
-            ax.errorbar([h for h, _ in pts], [100 * s[0] for _, s in pts],
-                        yerr=[0.0 if math.isnan(s[1]) else 100 * s[1] for _, s in pts],
-                        marker="o", capsize=3, label=label)
+            _errorbar(ax, pts, label)
     ax.set(xscale="log", xlabel="horizon L (answer tokens)", ylabel="mass on invalid tokens per step (%)",
            title="Tail mass at the end of training (mean ± SE)")
-    ax.set_xticks(horizons, [str(h) for h in horizons])
-    ax.minorticks_off()
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    files["tail"] = folder / "tail_mass.png"
-    fig.savefig(files["tail"], dpi=120)
-    plt.close(fig)
+    files["tail"] = _finish_horizon_plot(fig, ax, horizons, folder / "tail_mass.png")
     return files
 
 
